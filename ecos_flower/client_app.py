@@ -1,0 +1,74 @@
+"""The ecos-flower ClientApp: one app whose handlers serve every method (FedAvg, ECOS, DSSGD)."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ecos_flower.flower.client_data import client_shard
+from ecos_flower.flower.ecos_client import handle_ecos_query
+from ecos_flower.models import build_model, evaluate_accuracy, set_torch_threads, train_epochs
+
+app = ClientApp()
+
+
+def _task_model(config, shard):  # noqa: ANN001, ANN202 - ConfigRecord, ClientShard
+    images = shard.train.images
+    return build_model(
+        str(config["model"]),
+        num_classes=int(config.get("num-classes", 10)),
+        in_channels=images.shape[1],
+        image_size=images.shape[-1],
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """FedAvg local training: load the global model, train on the local shard, return it."""
+    config = msg.content["config"]
+    set_torch_threads(int(config.get("torch-threads", 1)))
+    shard = client_shard(config, context.node_config)
+    model = _task_model(config, shard)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss = train_epochs(
+        model,
+        shard.train.images,
+        shard.train.labels,
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        seed=int(config.get("seed", 0)) * 1_000 + int(config.get("server-round", 0)),
+        device=str(config.get("device", "cpu")),
+    )
+    metrics = MetricRecord({"train-loss": loss, "num-examples": len(shard.train)})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the model the server sent on this client's own test split."""
+    config = msg.content["config"]
+    set_torch_threads(int(config.get("torch-threads", 1)))
+    shard = client_shard(config, context.node_config)
+    model = _task_model(config, shard)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    accuracy, loss = evaluate_accuracy(
+        model, shard.test.images, shard.test.labels, device=str(config.get("device", "cpu"))
+    )
+    metrics = MetricRecord(
+        {
+            "accuracy": accuracy,
+            "loss": loss,
+            "num-examples": len(shard.test),
+            "partition-id": int(context.node_config["partition-id"]),
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("ecos")
+def ecos_query(msg: Message, context: Context) -> Message:
+    """ECOS: noisy coverage counts of this client's data for the server's centroids."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_ecos_query(msg, context)

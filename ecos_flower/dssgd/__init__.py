@@ -1,0 +1,33 @@
+"""DSSGD (Shokri & Shmatikov 2015): pure algorithms (no Flower) shared by the simulation and the
+apps."""
+
+from ecos_flower.dssgd.participant import (
+    apply_download,
+    flatten_params,
+    load_flat_params,
+    local_step,
+)
+from ecos_flower.dssgd.selection import clip, select_largest, select_threshold, upload_count
+from ecos_flower.dssgd.server import ParameterServer, fraction_count
+from ecos_flower.dssgd.sparse import InvalidUpdateError, SparseUpdate, validate_sparse_update
+from ecos_flower.dssgd.svt import SvtScales, svt_scales, svt_select, svt_select_reference
+
+__all__ = [
+    "InvalidUpdateError",
+    "ParameterServer",
+    "SparseUpdate",
+    "SvtScales",
+    "apply_download",
+    "clip",
+    "flatten_params",
+    "fraction_count",
+    "load_flat_params",
+    "local_step",
+    "select_largest",
+    "select_threshold",
+    "svt_scales",
+    "svt_select",
+    "svt_select_reference",
+    "upload_count",
+    "validate_sparse_update",
+]

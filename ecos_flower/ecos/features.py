@@ -1,0 +1,498 @@
+"""Feature maps phi for ECOS: image batches -> float32, L2-normalised (n, d) numpy features.
+
+The server fits an extractor, ships it to clients as plain arrays (`to_arrays()` + `config()`),
+and clients rebuild it with `extractor_from_arrays`. Kinds:
+
+- "supervised": SmallCNN trained on the labelled public pool (no privacy cost: the pool is public).
+- "random": SmallCNN with a seeded random initialisation (keeps style, loses class).
+- "pca": PCA of flattened pixels (scikit-learn for the fit, plain numpy to transform).
+- "torchvision": a torchvision backbone (e.g. resnet18, classifier replaced by Identity) loaded
+  from a user-supplied local weights file; never downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ecos_flower.models.nets import SmallCNN
+from ecos_flower.models.training import train_epochs
+
+EXTRACTOR_KINDS = ("supervised", "random", "pca", "torchvision")
+ImageBatch = np.ndarray | torch.Tensor
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_image_tensor(images: ImageBatch) -> torch.Tensor:
+    """Validate an (N, C, S, S) image batch and return it as a float32 CPU tensor (no copy if possible)."""
+    tensor = torch.as_tensor(images)
+    if tensor.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError("images is empty")
+    if not tensor.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {tensor.dtype}")
+    return tensor.to(dtype=torch.float32)
+
+
+def l2_normalise(features: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32 (all-zero rows stay zero)."""
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def _state_to_arrays(module: nn.Module) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy().copy() for name, t in module.state_dict().items()}
+
+
+def _load_arrays(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    state = {name: torch.from_numpy(np.asarray(value)) for name, value in arrays.items()}
+    module.load_state_dict(state)
+
+
+class FeatureExtractor:
+    """Base class: fit once on the pool (server), transform anywhere, ship as arrays + config."""
+
+    kind: str = ""
+
+    def fit(self, images: ImageBatch, labels: ImageBatch | None = None) -> FeatureExtractor:
+        """Fit on the public pool; returns self."""
+        raise NotImplementedError
+
+    def transform(
+        self, images: ImageBatch, *, batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        """Features of `images` as a float32, L2-normalised (n, d) array."""
+        raise NotImplementedError
+
+    def fit_transform(
+        self,
+        images: ImageBatch,
+        labels: ImageBatch | None = None,
+        *,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """`fit` then `transform` the same images."""
+        return self.fit(images, labels).transform(images, batch_size=batch_size, progress=progress)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fitted parameters as named numpy arrays (what the server sends)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable settings needed to rebuild the extractor from its arrays."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> FeatureExtractor:
+        """Rebuild a fitted extractor from `to_arrays()` and `config()`."""
+        raise NotImplementedError
+
+    def num_bytes(self) -> int:
+        """Bytes of the shipped arrays (the one-time cost of sending phi to a client)."""
+        return int(sum(a.nbytes for a in self.to_arrays().values()))
+
+
+class _TorchExtractor(FeatureExtractor):
+    """Shared batching/normalisation for extractors backed by a torch module."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._module: nn.Module | None = None
+
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _require_module(self) -> nn.Module:
+        if self._module is None:
+            raise ValueError(f"the {self.kind!r} extractor is not fitted; call fit() first")
+        return self._module
+
+    @torch.no_grad()
+    def transform(
+        self, images: ImageBatch, *, batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        module = self._require_module()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        tensor = _as_image_tensor(images)
+        self._check_input(tensor)
+        module.to(self.device).eval()
+        outputs = []
+        starts = range(0, len(tensor), batch_size)
+        for start in tqdm(starts, desc=f"features ({self.kind})", disable=not progress):
+            batch = tensor[start : start + batch_size].to(self.device)
+            outputs.append(self._embed(batch).flatten(1).float().cpu().numpy())
+        return l2_normalise(np.concatenate(outputs, axis=0))
+
+    def _check_input(self, tensor: torch.Tensor) -> None:
+        """Hook for input-shape validation."""
+
+
+class _SmallCNNExtractor(_TorchExtractor):
+    """SmallCNN embedding; subclasses decide how its weights are obtained."""
+
+    def __init__(
+        self, in_channels: int | None = None, embedding_dim: int = 128, device: str = "cpu"
+    ) -> None:
+        super().__init__(device)
+        if embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+        self.in_channels = in_channels
+        self.embedding_dim = embedding_dim
+        self.num_classes = 1
+
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        module = self._require_module()
+        assert isinstance(module, SmallCNN)
+        return module.embed(batch)
+
+    def _check_input(self, tensor: torch.Tensor) -> None:
+        if tensor.shape[1] != self.in_channels:
+            raise ValueError(
+                f"extractor expects {self.in_channels} channel(s), images have {tensor.shape[1]}"
+            )
+        if min(tensor.shape[2], tensor.shape[3]) < 8:
+            raise ValueError(f"SmallCNN needs images of at least 8x8, got {tuple(tensor.shape)}")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        # Clients only need the embedding; the classifier head is not shipped.
+        arrays = _state_to_arrays(self._require_module())
+        return {k: v for k, v in arrays.items() if k.startswith("features.")}
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_channels": self.in_channels, "embedding_dim": self.embedding_dim}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> FeatureExtractor:
+        extractor = cls(
+            in_channels=int(config["in_channels"]), embedding_dim=int(config["embedding_dim"])
+        )
+        module = SmallCNN(1, extractor.in_channels, extractor.embedding_dim)
+        module.features.load_state_dict(
+            {k.removeprefix("features."): torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        )
+        extractor._module = module.eval()
+        return extractor
+
+
+class SupervisedCNNExtractor(_SmallCNNExtractor):
+    """SmallCNN trained with labels on the public pool; features = its penultimate layer."""
+
+    kind = "supervised"
+
+    def __init__(
+        self,
+        in_channels: int | None = None,
+        embedding_dim: int = 128,
+        *,
+        epochs: int = 10,
+        batch_size: int = 64,
+        learning_rate: float = 0.05,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(in_channels, embedding_dim, device)
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.seed = seed
+
+    def fit(self, images: ImageBatch, labels: ImageBatch | None = None) -> SupervisedCNNExtractor:
+        if labels is None:
+            raise ValueError("the supervised extractor needs the pool's labels")
+        tensor = _as_image_tensor(images)
+        label_tensor = torch.as_tensor(labels).to(torch.int64)
+        if label_tensor.ndim != 1 or len(label_tensor) != len(tensor):
+            raise ValueError(
+                f"labels must have shape ({len(tensor)},), got {tuple(label_tensor.shape)}"
+            )
+        if int(label_tensor.min()) < 0:
+            raise ValueError("labels must be non-negative class indices")
+        if self.in_channels is None:
+            self.in_channels = int(tensor.shape[1])
+        self._check_input(tensor)
+        self.num_classes = int(label_tensor.max()) + 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            module = SmallCNN(self.num_classes, self.in_channels, self.embedding_dim)
+        train_epochs(
+            module,
+            tensor,
+            label_tensor,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            device=self.device,
+        )
+        self._module = module.eval()
+        return self
+
+
+class RandomCNNExtractor(_SmallCNNExtractor):
+    """SmallCNN with a seeded random initialisation: no training, keeps low-level style."""
+
+    kind = "random"
+
+    def __init__(
+        self,
+        in_channels: int | None = None,
+        embedding_dim: int = 128,
+        *,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(in_channels, embedding_dim, device)
+        self.seed = seed
+
+    def fit(self, images: ImageBatch, labels: ImageBatch | None = None) -> RandomCNNExtractor:
+        if self.in_channels is None:
+            self.in_channels = int(_as_image_tensor(images).shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._module = SmallCNN(1, self.in_channels, self.embedding_dim).eval()
+        return self
+
+
+class PCAExtractor(FeatureExtractor):
+    """PCA of flattened pixels (scikit-learn fit, numpy transform), then L2-normalised."""
+
+    kind = "pca"
+
+    def __init__(self, n_components: int = 64, *, whiten: bool = False, seed: int = 0) -> None:
+        if n_components <= 0:
+            raise ValueError(f"n_components must be positive, got {n_components}")
+        self.n_components = n_components
+        self.whiten = whiten
+        self.seed = seed
+        self.mean_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+
+    def fit(self, images: ImageBatch, labels: ImageBatch | None = None) -> PCAExtractor:
+        from sklearn.decomposition import PCA
+
+        flat = _as_image_tensor(images).flatten(1).numpy()
+        n_components = min(self.n_components, flat.shape[0], flat.shape[1])
+        pca = PCA(n_components=n_components, whiten=False, random_state=self.seed).fit(flat)
+        self.mean_ = pca.mean_.astype(np.float32)
+        self.components_ = pca.components_.astype(np.float32)
+        variance = np.maximum(pca.explained_variance_, 1e-12)
+        scale = 1.0 / np.sqrt(variance) if self.whiten else np.ones_like(variance)
+        self.scale_ = scale.astype(np.float32)
+        return self
+
+    def transform(
+        self, images: ImageBatch, *, batch_size: int = 4096, progress: bool = False
+    ) -> np.ndarray:
+        if self.mean_ is None or self.components_ is None or self.scale_ is None:
+            raise ValueError("the 'pca' extractor is not fitted; call fit() first")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        tensor = _as_image_tensor(images)
+        flat_dim = int(np.prod(tensor.shape[1:]))
+        if flat_dim != self.mean_.shape[0]:
+            raise ValueError(
+                f"extractor was fitted on {self.mean_.shape[0]} pixels per image, got {flat_dim}"
+            )
+        outputs = []
+        starts = range(0, len(tensor), batch_size)
+        for start in tqdm(starts, desc="features (pca)", disable=not progress):
+            flat = tensor[start : start + batch_size].flatten(1).numpy()
+            outputs.append(((flat - self.mean_) @ self.components_.T) * self.scale_)
+        return l2_normalise(np.concatenate(outputs, axis=0))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        if self.mean_ is None or self.components_ is None or self.scale_ is None:
+            raise ValueError("the 'pca' extractor is not fitted; call fit() first")
+        return {"mean": self.mean_, "components": self.components_, "scale": self.scale_}
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n_components": self.n_components, "whiten": self.whiten}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> PCAExtractor:
+        extractor = cls(int(config["n_components"]), whiten=bool(config["whiten"]))
+        extractor.mean_ = np.asarray(arrays["mean"], dtype=np.float32)
+        extractor.components_ = np.asarray(arrays["components"], dtype=np.float32)
+        extractor.scale_ = np.asarray(arrays["scale"], dtype=np.float32)
+        return extractor
+
+
+def build_torchvision_backbone(arch: str) -> nn.Module:
+    """A torchvision classification model with `weights=None` and its classifier set to Identity."""
+    import torchvision
+
+    try:
+        builder = getattr(torchvision.models, arch)
+    except AttributeError:
+        raise ValueError(f"unknown torchvision architecture {arch!r}") from None
+    model = builder(weights=None)
+    if hasattr(model, "fc"):
+        model.fc = nn.Identity()
+    elif hasattr(model, "classifier"):
+        model.classifier = nn.Identity()
+    elif hasattr(model, "heads"):
+        model.heads = nn.Identity()
+    else:
+        raise ValueError(f"do not know how to remove the classifier of {arch!r}")
+    return model
+
+
+class TorchvisionExtractor(_TorchExtractor):
+    """A torchvision backbone loaded from a local weights file (state dict); never downloads.
+
+    Grey images are repeated to 3 channels, inputs are normalised with ImageNet statistics and
+    optionally resized to `image_size`. Classifier weights in the file (e.g. `fc.*`) are ignored.
+    """
+
+    kind = "torchvision"
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike[str] | None = None,
+        arch: str = "resnet18",
+        *,
+        image_size: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(device)
+        self.weights_path = None if weights_path is None else Path(weights_path)
+        self.arch = arch
+        if image_size is not None and image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size
+
+    def fit(self, images: ImageBatch | None = None, labels: Any = None) -> TorchvisionExtractor:
+        """Load the backbone from `weights_path` (the images are not used)."""
+        if self.weights_path is None:
+            raise ValueError("the torchvision extractor needs a local weights file (weights_path)")
+        if not self.weights_path.is_file():
+            raise ValueError(f"weights file not found: {self.weights_path}")
+        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model = build_torchvision_backbone(self.arch)
+        expected = set(model.state_dict())
+        kept = {k: v for k, v in state.items() if k in expected}
+        missing = expected - set(kept)
+        if missing:
+            raise ValueError(
+                f"weights file {self.weights_path} does not fit {self.arch}: missing "
+                f"{sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+        model.load_state_dict(kept)
+        self._module = model.eval()
+        return self
+
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[1] == 1:
+            batch = batch.repeat(1, 3, 1, 1)
+        if self.image_size is not None and batch.shape[-1] != self.image_size:
+            batch = nn.functional.interpolate(
+                batch, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+        return self._require_module()((batch - mean) / std)
+
+    def _check_input(self, tensor: torch.Tensor) -> None:
+        if tensor.shape[1] not in (1, 3):
+            raise ValueError(f"torchvision backbones take 1 or 3 channels, got {tensor.shape[1]}")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return _state_to_arrays(self._require_module())
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "arch": self.arch, "image_size": self.image_size}
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], config: dict[str, Any]
+    ) -> TorchvisionExtractor:
+        extractor = cls(None, str(config["arch"]), image_size=config.get("image_size"))
+        model = build_torchvision_backbone(extractor.arch)
+        _load_arrays(model, arrays)
+        extractor._module = model.eval()
+        return extractor
+
+
+_CLASSES: dict[str, type[FeatureExtractor]] = {
+    "supervised": SupervisedCNNExtractor,
+    "random": RandomCNNExtractor,
+    "pca": PCAExtractor,
+    "torchvision": TorchvisionExtractor,
+}
+
+
+def make_extractor(kind: str, **kwargs: Any) -> FeatureExtractor:
+    """An unfitted extractor of `kind` (one of EXTRACTOR_KINDS) with its keyword settings."""
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}")
+    return _CLASSES[kind](**kwargs)
+
+
+def extractor_from_arrays(
+    kind: str, arrays: dict[str, np.ndarray], config: dict[str, Any]
+) -> FeatureExtractor:
+    """Rebuild a fitted extractor on the client from what the server shipped."""
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}")
+    if config.get("kind", kind) != kind:
+        raise ValueError(f"config is for kind {config.get('kind')!r}, not {kind!r}")
+    return _CLASSES[kind].from_arrays(arrays, config)
+
+
+def _fingerprint(extractor: FeatureExtractor, images: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(extractor.config(), sort_keys=True, default=str).encode())
+    for name, array in sorted(extractor.to_arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_features(
+    extractor: FeatureExtractor,
+    images: ImageBatch,
+    cache_dir: str | os.PathLike[str] | None,
+    key: str = "features",
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> np.ndarray:
+    """`extractor.transform(images)`, cached as .npy under `cache_dir` (None: no cache).
+
+    The file name holds `key` and a hash of the images, the extractor's config and its weights,
+    so a changed model or data set never reuses stale features.
+    """
+    tensor = _as_image_tensor(images)
+    if cache_dir is None:
+        return extractor.transform(tensor, batch_size=batch_size, progress=progress)
+    safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    folder = Path(cache_dir)
+    path = folder / f"{safe_key}-{_fingerprint(extractor, tensor)[:20]}.npy"
+    if path.is_file():
+        return np.load(path)
+    features = extractor.transform(tensor, batch_size=batch_size, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, features)
+    os.replace(tmp, path)
+    return features

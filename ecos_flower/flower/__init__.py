@@ -1,0 +1,1 @@
+"""Flower glue: run settings, metered grids, the in-process harness and the per-method server loops."""

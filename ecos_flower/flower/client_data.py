@@ -1,0 +1,33 @@
+"""What a ClientApp needs to find its own data: the scenario, its partition id, and checks on both."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ecos_flower.data import ClientShard, load_federation
+
+
+def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientShard:
+    """This node's shard: scenario from its node config if set (deployment), else from the server's
+    message config (simulation); the shard index is the node's `partition-id`."""
+    scenario = str(node_config.get("scenario") or config.get("scenario") or "")
+    if not scenario:
+        raise ValueError("no scenario: set `scenario` in the run config or the node config")
+    data_root = str(node_config.get("data-root") or config.get("data-root") or "") or None
+    federation = load_federation(scenario, data_root=data_root)
+    if "partition-id" not in node_config:
+        raise ValueError("node config has no `partition-id`: start the SuperNode with "
+                         "--node-config 'partition-id=N num-partitions=M'")
+    partition_id = int(node_config["partition-id"])
+    num_clients = len(federation.clients)
+    num_partitions = int(node_config.get("num-partitions", num_clients))
+    if num_partitions != num_clients:
+        raise ValueError(
+            f"the federation has {num_partitions} nodes but scenario {scenario} defines "
+            f"{num_clients} clients: set `num-clients = {num_partitions}` in the scenario or "
+            f"run {num_clients} nodes (options.num-supernodes)"
+        )
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"partition-id {partition_id} outside 0..{num_clients - 1}")
+    return federation.clients[partition_id]

@@ -1,0 +1,73 @@
+"""Flower's own FedAvg (Message API) on the scenario's clients: the baseline every method meets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ecos_flower.data import load_federation
+from ecos_flower.flower.payload import MeteredGrid
+from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.settings import client_config
+from ecos_flower.models import build_model
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that also keeps each node's last evaluation metrics (Flower keeps only the average)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.last_evaluation: dict[int, MetricRecord] = {}
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id,
+                    reply.error.reason)
+                continue
+            self.last_evaluation[reply.metadata.src_node_id] = reply.content["metrics"]
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
+    """Run FedAvg for `num-server-rounds` rounds and report per-client test accuracy and bytes."""
+    start = time.time()
+    federation = load_federation(config["scenario"], data_root=config["data-root"] or None)
+    metered = MeteredGrid(grid)
+    num_nodes = len(list(grid.get_node_ids()))
+    strategy = RecordingFedAvg(
+        fraction_train=float(config["fraction-train"]),
+        min_train_nodes=1,
+        min_evaluate_nodes=num_nodes,
+        min_available_nodes=num_nodes,
+    )
+    images = federation.pool.images
+    model = build_model(str(config["model"]), federation.num_classes, images.shape[1],
+                        images.shape[-1])
+    strategy.start(
+        grid=metered,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=int(config["num-server-rounds"]),
+        train_config=client_config(config),
+        evaluate_config=client_config(config),
+    )
+    report = RunReport(method="fedavg", seed=int(config["seed"]), scenario=str(config["scenario"]))
+    node_to_client = {}
+    for node_id, metrics in strategy.last_evaluation.items():
+        client = int(metrics["partition-id"])
+        node_to_client[node_id] = client
+        report.accuracy_per_client[client] = float(metrics["accuracy"])
+    report.add_traffic(metered, node_to_client)
+    report.wall_s = time.time() - start
+    report.phase_seconds["federated-training"] = report.wall_s
+    report.settings = {k: config[k] for k in ("num-server-rounds", "local-epochs", "batch-size",
+                                              "learning-rate", "model", "fraction-train")}
+    return report

@@ -1,0 +1,77 @@
+"""Bytes on the wire, measured from the real Flower messages, and a Grid wrapper that meters them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+
+def payload_bytes(message: Message) -> int:
+    """Serialised size of a message: the sum of its deflated objects, as Flower transfers them."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+class MeteredGrid(Grid):
+    """Delegates to a real Grid and counts bytes sent to (down) and received from (up) each node.
+
+    Wrapping the grid, not the strategy, meters Flower's own strategies as well as ours.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.bytes_down: dict[int, int] = defaultdict(int)
+        self.bytes_up: dict[int, int] = defaultdict(int)
+        self.messages_down: dict[int, int] = defaultdict(int)
+        self.messages_up: dict[int, int] = defaultdict(int)
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def _count_down(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.bytes_down[node] += payload_bytes(msg)
+            self.messages_down[node] += 1
+        return messages
+
+    def _count_up(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            self.bytes_up[node] += payload_bytes(msg)
+            self.messages_up[node] += 1
+        return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._count_down(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._count_up(self._grid.pull_messages(message_ids))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = self._grid.send_and_receive(self._count_down(messages), timeout=timeout)
+        return self._count_up(replies)

@@ -1,0 +1,92 @@
+"""A run's report: per-client accuracy, privacy and bytes, printed as a table and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecos_flower.flower.payload import MeteredGrid
+
+
+@dataclass
+class RunReport:
+    """What one run of one method measured; `settings` records how it was configured."""
+
+    method: str
+    seed: int
+    scenario: str
+    accuracy_per_client: dict[int, float] = field(default_factory=dict)
+    epsilon_per_client: dict[int, float] = field(default_factory=dict)
+    delta: float = 0.0
+    bytes_up_per_client: dict[int, int] = field(default_factory=dict)
+    bytes_down_per_client: dict[int, int] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy_mean(self) -> float:
+        values = list(self.accuracy_per_client.values())
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def epsilon(self) -> float:
+        """The largest total epsilon any client spent (infinity for a non-private method)."""
+        values = list(self.epsilon_per_client.values())
+        return max(values) if values else math.inf
+
+    def add_traffic(self, grid: MeteredGrid, node_to_client: dict[int, int]) -> None:
+        """Attribute the grid's metered bytes to clients (partition ids)."""
+        for node_id, client in node_to_client.items():
+            self.bytes_up_per_client[client] = int(grid.bytes_up.get(node_id, 0))
+            self.bytes_down_per_client[client] = int(grid.bytes_down.get(node_id, 0))
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["accuracy_mean"] = self.accuracy_mean
+        record["epsilon"] = self.epsilon
+        for key in ("accuracy_per_client", "epsilon_per_client", "bytes_up_per_client",
+                    "bytes_down_per_client"):
+            record[key] = {str(k): v for k, v in sorted(record[key].items())}
+        return _json_safe(record)
+
+    def table(self) -> str:
+        """Per-client lines: accuracy, epsilon, bytes up and down."""
+        lines = [f"{'client':>6}  {'accuracy':>8}  {'epsilon':>8}  {'bytes up':>12}  {'bytes down':>12}"]
+        for client in sorted(self.accuracy_per_client):
+            eps = self.epsilon_per_client.get(client, math.inf)
+            lines.append(
+                f"{client:>6}  {self.accuracy_per_client[client]:>8.4f}  {eps:>8.3f}  "
+                f"{self.bytes_up_per_client.get(client, 0):>12,}  "
+                f"{self.bytes_down_per_client.get(client, 0):>12,}"
+            )
+        eps_text = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3f} (delta={self.delta:g})"
+        lines.append(
+            f"{self.method}: mean accuracy {self.accuracy_mean:.4f} over "
+            f"{len(self.accuracy_per_client)} clients; epsilon per client {eps_text}; "
+            f"{self.wall_s:.1f} s"
+        )
+        return "\n".join(lines)
+
+    def write(self, directory: str | Path) -> Path:
+        """Write `results.json` (a list holding this run's record) into `directory`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "results.json"
+        path.write_text(json.dumps([self.to_json()], indent=2))
+        return path
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no infinity: write it as the string "inf" (read back with float())."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

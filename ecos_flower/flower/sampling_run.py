@@ -1,0 +1,165 @@
+"""The server loop of the sampling methods: ECOS and its baselines select a proxy set from the
+public pool, the cloud trains the task model on it, and every client evaluates that model.
+
+Only the public pool is read on the server; clients' shards are touched only by their ClientApps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from ecos_flower.data import Federation, load_federation
+from ecos_flower.ecos import (
+    EcosSampler,
+    InDomainSampler,
+    KCenterSampler,
+    RandomSampler,
+    cached_features,
+    compress,
+    domain_precision,
+    make_extractor,
+)
+from ecos_flower.flower.ecos_strategy import EcosStrategy
+from ecos_flower.flower.payload import MeteredGrid
+from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.settings import client_config
+from ecos_flower.models import build_model, train_epochs
+
+SAMPLING_METHODS = ("ecos", "oracle", "random", "kcenter", "in-domain")
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log(INFO, "[%s] ...", name)
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        log(INFO, "[%s] %.2f s", name, self.seconds[name])
+
+
+def build_extractor(config: dict[str, Any], federation: Federation):  # noqa: ANN201
+    """The server's feature map phi, fitted on the labelled public pool (no privacy cost)."""
+    kind = str(config["extractor"])
+    seed, device = int(config["seed"]), str(config["device"])
+    if kind == "supervised":
+        extractor = make_extractor(kind, epochs=int(config["extractor-epochs"]), seed=seed,
+                                   device=device)
+    elif kind == "random":
+        extractor = make_extractor(kind, seed=seed, device=device)
+    elif kind == "pca":
+        extractor = make_extractor(kind, n_components=int(config["pca-components"]), seed=seed)
+    else:
+        raise ValueError(f"extractor {kind!r} is not available from the run config; "
+                         "choose supervised, random or pca")
+    pool = federation.pool
+    return extractor.fit(pool.images, pool.labels)
+
+
+def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
+    """Select `budget` pool samples with the configured method, train in the cloud, evaluate."""
+    method = str(config["method"])
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"{method!r} is not a sampling method ({', '.join(SAMPLING_METHODS)})")
+    start, timer = time.time(), PhaseTimer()
+    seed, budget = int(config["seed"]), int(config["budget"])
+    federation = load_federation(config["scenario"], data_root=config["data-root"] or None)
+    pool = federation.pool
+    metered = MeteredGrid(grid)
+    strategy = EcosStrategy(
+        epsilon=float(config["epsilon"]),
+        delta=float(config["delta"]),
+        noise=method == "ecos",
+        score_mode=str(config["score-mode"]),
+        radius=float(config["radius"]) if config["score-mode"] == "radius" else None,
+        max_per_sample=int(config["max-per-sample"]),
+        threshold_multiple=float(config["threshold-multiple"]),
+        client_epsilon_limit=float(config["client-epsilon-limit"]),
+    )
+    strategy.summary()
+    extra: dict[str, Any] = {}
+    cache = Path(config["feature-cache"]) if config["feature-cache"] else None
+    if method in ("ecos", "oracle", "kcenter"):
+        with timer("extractor"):
+            extractor = build_extractor(config, federation)
+        with timer("pool-features"):
+            features = cached_features(extractor, pool.images, cache, key="pool", progress=True)
+    if method in ("ecos", "oracle"):
+        k = int(config["num-centroids"])
+        with timer("compress"):
+            compression = compress(features, k, seed=seed)
+        with timer("query"):
+            messages = strategy.configure_query(1, compression.centroids, extractor,
+                                                client_config(config), metered)
+            replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
+            aggregated = strategy.aggregate_query(1, replies, k)
+        if aggregated is None:
+            raise RuntimeError("no client answered the ECOS query validly; see the log")
+        sampler = EcosSampler(features, compression, aggregated, seed=seed)
+        extra.update({"answered": len(strategy.accepted_scores),
+                      "rejected": [str(e) for e in strategy.rejected],
+                      "refused": {str(k): v for k, v in strategy.refused.items()},
+                      "extractor-bytes": extractor.num_bytes()})
+    elif method == "random":
+        sampler = RandomSampler(len(pool), seed=seed)
+    elif method == "kcenter":
+        sampler = KCenterSampler(features, seed=seed)
+    else:
+        sampler = InDomainSampler(pool.domains.numpy(), _client_domain_id(federation), seed=seed)
+    with timer("select"):
+        selected = np.asarray(sampler.select(budget), dtype=np.int64)
+    if federation.client_domain in pool.domain_names:
+        extra["domain-precision"] = domain_precision(selected, pool.domains.numpy(),
+                                                     _client_domain_id(federation))
+    extra["selected"] = int(len(selected))
+    with timer("cloud-training"):
+        images = pool.images
+        model = build_model(str(config["model"]), federation.num_classes, images.shape[1],
+                            images.shape[-1])
+        torch_selected = selected.tolist()
+        train_epochs(model, images[torch_selected], pool.labels[torch_selected],
+                     epochs=int(config["cloud-epochs"]), batch_size=int(config["batch-size"]),
+                     learning_rate=float(config["learning-rate"]), seed=seed,
+                     device=str(config["device"]))
+    with timer("evaluate"):
+        messages = strategy.configure_evaluate(1, ArrayRecord(model.state_dict()),
+                                               client_config(config), metered)
+        replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
+        strategy.aggregate_evaluate(1, replies)
+    report = RunReport(method=method, seed=seed, scenario=str(config["scenario"]))
+    report.accuracy_per_client = dict(strategy.accuracy)
+    if method == "ecos":
+        report.epsilon_per_client = dict(strategy.epsilon_spent)
+        report.delta = float(config["delta"])
+    elif method in ("random", "kcenter"):  # never look at client data: no privacy cost at all
+        report.epsilon_per_client = dict.fromkeys(strategy.accuracy, 0.0)
+    report.add_traffic(metered, strategy.node_to_client)
+    report.phase_seconds = timer.seconds
+    report.wall_s = time.time() - start
+    report.extra = extra
+    keys = ("budget", "num-centroids", "epsilon", "delta", "score-mode", "threshold-multiple",
+            "extractor", "cloud-epochs", "model", "learning-rate", "batch-size")
+    report.settings = {key: config[key] for key in keys}
+    return report
+
+
+def _client_domain_id(federation: Federation) -> int:
+    names = federation.pool.domain_names
+    if federation.client_domain not in names:
+        raise ValueError(f"the pool holds no part of the clients' domain {federation.client_domain!r}")
+    return names.index(federation.client_domain)

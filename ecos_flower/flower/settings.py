@@ -1,0 +1,79 @@
+"""Run settings: the defaults of `[tool.flwr.app.config]`, merged with a run's overrides, and path lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+import ecos_flower
+
+# Kept in code as well as in pyproject.toml so an installed wheel (no pyproject at hand) has them;
+# a test checks that both agree.
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "scenario": "simulations/embedded.toml",
+    "data-root": "",
+    "method": "fedavg",
+    "seed": 0,
+    "model": "small-cnn",
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "learning-rate": 0.05,
+    "fraction-train": 1.0,
+    "device": "cpu",
+    "torch-threads": 1,
+    "results-dir": "",
+    # Sampling methods (ecos, oracle, random, kcenter, in-domain)
+    "budget": 500,
+    "num-centroids": 50,
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "score-mode": "nearest",
+    "radius": 0.0,
+    "max-per-sample": 1,
+    "threshold-multiple": 2.0,
+    "client-epsilon-limit": 10.0,
+    "extractor": "supervised",
+    "extractor-epochs": 5,
+    "pca-components": 64,
+    "cloud-epochs": 30,
+    "feature-cache": "",
+    "timeout": 3600.0,
+}
+
+PACKAGE_ROOT = Path(ecos_flower.__file__).resolve().parent.parent
+
+
+def merge_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults, then each layer in order; unknown keys pass through (methods add their own)."""
+    merged = dict(DEFAULT_RUN_CONFIG)
+    for layer in layers:
+        merged.update(layer)
+    return merged
+
+
+def resolve_path(value: str | Path, what: str = "scenario") -> Path:
+    """Find a file named in a run config: absolute, or relative to the working directory or the
+    project root (where `flwr run .` installs the app). Raises FileNotFoundError naming the tries."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path.cwd() / path, PACKAGE_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"{what} file {str(value)!r} not found (looked at: {tried})")
+
+
+CLIENT_KEYS = ("scenario", "data-root", "model", "seed", "local-epochs", "batch-size",
+               "learning-rate", "device", "torch-threads")
+
+
+def client_config(config: Mapping[str, Any]) -> ConfigRecord:
+    """The part of the run config every ClientApp needs, sent inside each message."""
+    return ConfigRecord({key: config[key] for key in CLIENT_KEYS})

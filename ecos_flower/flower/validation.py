@@ -1,0 +1,104 @@
+"""Server-side checks of client replies: a bad reply is rejected with the node and the reason.
+
+Checks run on copies and return new arrays; nothing here touches strategy state, so a rejected
+reply cannot change it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+
+class InvalidReplyError(ValueError):
+    """A reply that fails validation; the message names the node and the problem."""
+
+    def __init__(self, node_id: int, problem: str) -> None:
+        super().__init__(f"node {node_id}: {problem}")
+        self.node_id = node_id
+        self.problem = problem
+
+
+def reply_record(reply: Message, key: str, kind: type) -> object:
+    """`reply.content[key]`, checked to exist and be a record of `kind`."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise InvalidReplyError(node, f"ClientApp error: {reply.error.reason}")
+    content = reply.content
+    if key not in content:
+        raise InvalidReplyError(node, f"reply has no {kind.__name__} {key!r}")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise InvalidReplyError(
+            node, f"{key!r} is a {type(record).__name__}, expected {kind.__name__}"
+        )
+    return record
+
+
+def single_array(reply: Message, key: str) -> np.ndarray:
+    """The one array inside ArrayRecord `key` of a reply, as a fresh numpy array."""
+    record = reply_record(reply, key, ArrayRecord)
+    node = reply.metadata.src_node_id
+    if len(record) != 1:
+        raise InvalidReplyError(node, f"{key!r} holds {len(record)} arrays, expected 1")
+    try:
+        return np.array(next(iter(record.values())).numpy(), copy=True)
+    except Exception as exc:  # a payload that does not decode as an array
+        raise InvalidReplyError(node, f"{key!r} does not decode as an array: {exc}") from exc
+
+
+def float_vector(reply: Message, key: str, length: int) -> np.ndarray:
+    """A finite floating-point vector of exactly `length` entries (float64 copy)."""
+    node = reply.metadata.src_node_id
+    values = single_array(reply, key)
+    if values.dtype.kind != "f":
+        raise InvalidReplyError(node, f"{key!r} has dtype {values.dtype}, expected floating point")
+    if values.shape != (length,):
+        raise InvalidReplyError(node, f"{key!r} has shape {values.shape}, expected ({length},)")
+    if not np.all(np.isfinite(values)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise InvalidReplyError(node, f"{key!r} has {bad} non-finite values (NaN or inf)")
+    return values.astype(np.float64)
+
+
+def metric(reply: Message, name: str, *, low: float = -math.inf, high: float = math.inf,
+           key: str = "metrics") -> float:
+    """A finite numeric metric within [low, high]."""
+    node = reply.metadata.src_node_id
+    record = reply_record(reply, key, MetricRecord)
+    if name not in record:
+        raise InvalidReplyError(node, f"metrics have no {name!r}")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidReplyError(node, f"metric {name!r} is a {type(value).__name__}, not a number")
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidReplyError(node, f"metric {name!r} = {value} outside [{low}, {high}]")
+    return value
+
+
+def refusal(reply: Message) -> str | None:
+    """The client's stated reason when it refused a query (e.g. its privacy budget), else None."""
+    if reply.has_error() or "refusal" not in reply.content:
+        return None
+    record = reply.content["refusal"]
+    if isinstance(record, ConfigRecord) and isinstance(record.get("reason"), str):
+        return str(record["reason"])
+    return "refused (no reason given)"
+
+
+def first_reply_per_node(replies: Iterable[Message]) -> tuple[list[Message], list[InvalidReplyError]]:
+    """Keep each node's first reply; later ones from the same node are rejected as duplicates."""
+    seen: set[int] = set()
+    kept, rejected = [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node in seen:
+            rejected.append(InvalidReplyError(node, "answered twice in one round; extra reply dropped"))
+            continue
+        seen.add(node)
+        kept.append(reply)
+    return kept, rejected

@@ -1,0 +1,98 @@
+"""The networks: a small CNN (task model and feature extractor) and the DSSGD paper's MLP and CNN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and a 128-d embedding layer; `embed` gives the penultimate features.
+
+    Works for any square input size >= 8 (adaptive pooling fixes the flattened size), so the
+    same class serves 8x8 digits, 16x16 USPS and 28x28 MNIST.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, embedding_dim: int = 128
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, embedding_dim),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(embedding_dim, num_classes)
+        self.embedding_dim = embedding_dim
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features (not normalised)."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class PaperMLP(nn.Module):
+    """DSSGD paper's MLP: flattened input - 128 - 64 - classes, ReLU."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size * image_size, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PaperCNN(nn.Module):
+    """DSSGD paper's CNN: conv5x5-32, tanh, maxpool3 / conv5x5-64, tanh, maxpool2 / fc-200, tanh / fc.
+
+    On 28x28 grey input it has the paper's 105,506 parameters.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=5),
+            nn.Tanh(),
+            nn.MaxPool2d(3),
+            nn.Conv2d(32, 64, kernel_size=5),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.head = nn.Sequential(nn.Linear(flat, 200), nn.Tanh(), nn.Linear(200, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+MODEL_NAMES = ("small-cnn", "paper-mlp", "paper-cnn")
+
+
+def build_model(
+    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+) -> nn.Module:
+    """Build a model by its config name; unknown names raise a ValueError listing the choices."""
+    if name == "small-cnn":
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    if name == "paper-mlp":
+        return PaperMLP(num_classes, in_channels, image_size)
+    if name == "paper-cnn":
+        return PaperCNN(num_classes, in_channels, image_size)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

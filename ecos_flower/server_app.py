@@ -1,0 +1,67 @@
+"""The ecos-flower ServerApp: reads the run config and runs the chosen method's server loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from logging import INFO
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from ecos_flower.flower.fedavg import run_fedavg
+from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.sampling_run import SAMPLING_METHODS, run_sampling
+from ecos_flower.flower.settings import merge_run_config, resolve_path
+from ecos_flower.models import set_torch_threads
+
+METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
+    "fedavg": run_fedavg,
+    **dict.fromkeys(SAMPLING_METHODS, run_sampling),
+}
+
+
+def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
+    """Resolve paths, run the configured method, log and (optionally) write its report."""
+    method = str(config["method"])
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    config = dict(config)
+    config["scenario"] = str(resolve_path(config["scenario"], "scenario"))
+    set_torch_threads(int(config["torch-threads"]))
+    report = METHODS[method](grid, config)
+    for line in report.table().splitlines():
+        log(INFO, "%s", line)
+    if config.get("results-dir"):
+        path = report.write(config["results-dir"])
+        log(INFO, "results written to %s", path)
+    return report
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    on_report: Callable[[RunReport], None] | None = None,
+) -> ServerApp:
+    """A ServerApp whose config is defaults < the run's config < `overrides` (the CLI's);
+    `on_report` receives the finished report (the CLI prints it)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = merge_run_config(context.run_config, overrides or {})
+        report = run_method(grid, config)
+        context.state["report"] = _report_record(report)
+        if on_report is not None:
+            on_report(report)
+
+    return server_app
+
+
+def _report_record(report: RunReport) -> ConfigRecord:
+    """The report as JSON in the server's state, for callers that only hold the Context."""
+    return ConfigRecord({"json": json.dumps(report.to_json())})
+
+
+app = make_server_app()

@@ -1,0 +1,63 @@
+"""Shared helpers for the Flower tests: a tiny embedded scenario and an in-process run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ecos_flower.client_app import app as client_app
+from ecos_flower.flower.inprocess import InProcessGrid, run_in_process
+from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.settings import merge_run_config
+from ecos_flower.server_app import make_server_app
+
+TINY_SCENARIO = """
+seed = 0
+image-size = 8
+channels = 1
+client-domain = "inverted"
+num-clients = {num_clients}
+share = 0.5
+test-fraction = 0.25
+partition = "iid"
+pool-domains = ["plain", "inverted"]
+
+[[domains]]
+name = "plain"
+loader = "embedded"
+variant = "plain"
+
+[[domains]]
+name = "inverted"
+loader = "embedded"
+variant = "inverted"
+"""
+
+FAST = {
+    "num-server-rounds": 1,
+    "local-epochs": 1,
+    "budget": 60,
+    "num-centroids": 8,
+    "extractor": "pca",
+    "pca-components": 16,
+    "cloud-epochs": 2,
+}
+
+
+def tiny_scenario(folder: Path, num_clients: int = 3) -> Path:
+    """Write a two-domain embedded scenario with 8x8 images; returns its path."""
+    path = folder / "tiny.toml"
+    path.write_text(TINY_SCENARIO.format(num_clients=num_clients))
+    return path
+
+
+def run_tiny(
+    scenario: Path, num_clients: int = 3, grid: InProcessGrid | None = None, **overrides: Any
+) -> tuple[RunReport, InProcessGrid]:
+    """Run the ServerApp on an in-process grid of real ClientApps; returns (report, grid)."""
+    config = merge_run_config(FAST, {"scenario": str(scenario)}, overrides)
+    grid = grid or InProcessGrid(client_app, num_clients)
+    reports: list[RunReport] = []
+    run_in_process(make_server_app(config, on_report=reports.append), grid)
+    assert len(reports) == 1
+    return reports[0], grid

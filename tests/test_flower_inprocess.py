@@ -1,0 +1,107 @@
+"""The whole message flow of each method, in process: real ServerApp, real ClientApps, real
+serialisation, no Ray."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flower_helpers import run_tiny, tiny_scenario
+
+from ecos_flower.client_app import app as client_app
+from ecos_flower.flower.inprocess import InProcessGrid
+from ecos_flower.flower.settings import DEFAULT_RUN_CONFIG
+
+
+@pytest.fixture()
+def scenario(tmp_path, flwr_home):
+    return tiny_scenario(tmp_path)
+
+
+def test_fedavg_reports_every_client_and_meters_model_traffic(scenario):
+    report, grid = run_tiny(scenario, method="fedavg", **{"num-server-rounds": 2})
+    assert sorted(report.accuracy_per_client) == [0, 1, 2]
+    assert all(0.0 <= a <= 1.0 for a in report.accuracy_per_client.values())
+    assert math.isinf(report.epsilon)
+    # Each round a client downloads the model twice (train, evaluate) and uploads it once.
+    model_bytes = 4 * sum(p.numel() for p in _small_cnn_params(8))
+    for client in range(3):
+        assert report.bytes_up_per_client[client] >= 2 * model_bytes
+        assert report.bytes_down_per_client[client] >= 4 * model_bytes
+        assert report.bytes_down_per_client[client] > report.bytes_up_per_client[client]
+
+
+def _small_cnn_params(size: int):
+    from ecos_flower.models import SmallCNN
+
+    return list(SmallCNN(10, 1).parameters())
+
+
+def test_ecos_flow_spends_the_requested_epsilon_and_uploads_k_numbers(scenario):
+    report, grid = run_tiny(scenario, method="ecos", epsilon=0.5)
+    assert sorted(report.accuracy_per_client) == [0, 1, 2]
+    # One Gaussian release calibrated to (0.5, 1e-5) costs exactly 0.5 under exact composition.
+    for eps in report.epsilon_per_client.values():
+        assert eps == pytest.approx(0.5, rel=1e-6)
+    assert report.delta == 1e-5
+    # K = 8 float64 scores plus a few metrics: far below the extractor download.
+    for client in range(3):
+        assert report.bytes_up_per_client[client] < 2_000
+        assert report.bytes_down_per_client[client] > 10 * report.bytes_up_per_client[client]
+    assert report.extra["answered"] == 3
+    assert report.extra["selected"] == 60
+    assert 0.0 <= report.extra["domain-precision"] <= 1.0
+
+
+def test_ecos_client_keeps_its_ledger_in_state_dir_and_refuses_beyond_its_limit(scenario, tmp_path):
+    ledgers = {i: {"ledger-path": str(tmp_path / f"ledger-{i}.json"), "epsilon-limit": 1.2}
+               for i in range(3)}
+    grid = InProcessGrid(client_app, 3, node_configs=ledgers)
+    first, _ = run_tiny(scenario, grid=grid, method="ecos", epsilon=1.0)
+    assert len(first.epsilon_per_client) == 3
+    stored = json.loads((tmp_path / "ledger-0.json").read_text())
+    assert len(stored["releases"]) == 1
+    # A second query at epsilon 1 would compose to about 1.46 > 1.2: every client refuses, with its reason.
+    fresh_grid = InProcessGrid(client_app, 3, node_configs=ledgers)
+    with pytest.raises(RuntimeError, match="no client answered"):
+        run_tiny(scenario, grid=fresh_grid, method="ecos", epsilon=1.0)
+    stored = json.loads((tmp_path / "ledger-0.json").read_text())
+    assert len(stored["releases"]) == 1  # the refused query was not charged
+
+
+@pytest.mark.parametrize("method", ["random", "kcenter", "oracle", "in-domain"])
+def test_baseline_samplers_run_through_the_same_flow(scenario, method):
+    report, _ = run_tiny(scenario, method=method)
+    assert sorted(report.accuracy_per_client) == [0, 1, 2]
+    assert report.extra["selected"] == 60
+    if method in ("random", "kcenter"):
+        assert report.epsilon == 0.0  # they never read client data
+    else:
+        assert math.isinf(report.epsilon)
+    if method == "in-domain":
+        assert report.extra["domain-precision"] == 1.0
+
+
+def test_pyproject_run_config_matches_the_code_defaults():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULT_RUN_CONFIG
+
+
+def test_unknown_method_is_a_clear_error(scenario):
+    with pytest.raises(ValueError, match="unknown method 'fedsgd'"):
+        run_tiny(scenario, method="fedsgd")
+
+
+def test_inprocess_grid_turns_a_crashing_client_into_an_error_reply(scenario):
+    def crashing(msg, context):
+        raise RuntimeError("disk on fire")
+
+    grid = InProcessGrid(client_app, 3, client_apps={1: crashing})
+    report, _ = run_tiny(scenario, grid=grid, method="random")
+    assert sorted(report.accuracy_per_client) == [0, 2]
+    assert np.isfinite(report.accuracy_mean)
