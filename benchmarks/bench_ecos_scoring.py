@@ -89,7 +89,9 @@ def main() -> None:
 
     pool = rng.normal(size=(args.pool, args.kc_d)).astype(np.float32)
     picks = rng.choice(args.pool, args.kc_budget, replace=False)
-    t_kc = median_time(lambda: greedy_k_center(pool, args.kc_budget, seed=0), max(1, args.repeats - 2))
+    t_kc = median_time(
+        lambda: greedy_k_center(pool, args.kc_budget, seed=0), max(1, args.repeats - 2)
+    )
     pool_t = torch.from_numpy(pool)
     centers_t = torch.from_numpy(pool[picks])
     t_dist = median_time(lambda: torch.mm(pool_t, centers_t.t()), args.repeats)

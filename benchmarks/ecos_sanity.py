@@ -1,7 +1,7 @@
 """End-to-end ECOS sanity check on scikit-learn's digits: does ECOS find the client's domain?
 
-Public pool: plain digits + inverted digits (1 - x) of one half of the images, upscaled to 16x16;
-client: a subset of the inverted digits of the other half. For each feature extractor: compress
+Public pool: plain digits + shifted digits (`--shift`: inverted 1 - x by default) of one half of the images, upscaled to 16x16;
+client: a subset of the shifted digits of the other half. For each feature extractor: compress
 the pool (K-means), score the client's data, add analytic-Gaussian noise, aggregate with
 noise-aware thresholding, select a budget with ECOS / Oracle / Random / K-Center / InDomain, and
 print each selection's domain precision (fraction of picks from the client's domain).
@@ -35,8 +35,20 @@ from ecos_flower.ecos import (
 from ecos_flower.privacy import GaussianMechanism
 
 
-def build_data(client_size: int, seed: int, size: int = 16):
-    """(pool images, pool labels, pool domains, client images); domain 1 = inverted."""
+def shift_domain(images: torch.Tensor, shift: str) -> torch.Tensor:
+    """The client's domain: "invert" (1 - x, easy), "thick" (dilated strokes) or "noise"."""
+    if shift == "invert":
+        return 1.0 - images
+    if shift == "thick":
+        return torch.nn.functional.max_pool2d(images, 3, stride=1, padding=1)
+    if shift == "noise":
+        generator = torch.Generator().manual_seed(0)
+        return (images + 0.25 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    raise ValueError(f"unknown shift {shift!r}")
+
+
+def build_data(client_size: int, seed: int, size: int = 16, shift: str = "invert"):
+    """(pool images, pool labels, pool domains, client images); domain 1 = the shifted one."""
     digits = load_digits()
     images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear")
@@ -45,13 +57,13 @@ def build_data(client_size: int, seed: int, size: int = 16):
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     client_half, pool_half = order[: len(order) // 2], order[len(order) // 2 :]
-    pool_images = torch.cat([images[pool_half], 1.0 - images[pool_half]])
+    pool_images = torch.cat([images[pool_half], shift_domain(images[pool_half], shift)])
     pool_labels = torch.cat([labels[pool_half], labels[pool_half]])
     pool_domains = np.concatenate([np.zeros(len(pool_half)), np.ones(len(pool_half))]).astype(
         np.int64
     )
     client_idx = rng.choice(client_half, size=min(client_size, len(client_half)), replace=False)
-    client_images = 1.0 - images[client_idx]
+    client_images = shift_domain(images[client_idx], shift)
     return pool_images, pool_labels, pool_domains, client_images
 
 
@@ -62,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
         per_seed: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for seed in range(args.seeds):
-            pool, pool_labels, domains, client = build_data(args.client_size, seed)
+            pool, pool_labels, domains, client = build_data(args.client_size, seed, shift=args.shift)
             if kind == "supervised":
                 extractor = make_extractor(kind, epochs=args.epochs, seed=seed)
             elif kind == "pca":
@@ -83,7 +95,9 @@ def run(args: argparse.Namespace) -> None:
                 "ecos": EcosSampler(
                     pool_feats,
                     comp,
-                    aggregate_scores([noisy], mech.sigma, args.threshold, cluster_sizes=comp.cluster_sizes),
+                    aggregate_scores(
+                        [noisy], mech.sigma, args.threshold, cluster_sizes=comp.cluster_sizes
+                    ),
                     seed,
                 ),
                 "ecos-nothr": EcosSampler(
@@ -104,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         line = "  ".join(f"{n}={m:.3f}±{s:.3f}" for n, (m, s) in summary.items())
         print(f"{kind:11s} {line}  ({elapsed:.1f}s)", flush=True)
     print(
-        f"\nsetting: client {args.client_size} inverted digits, pool 1796 (half inverted), "
+        f"\nsetting: client {args.client_size} {args.shift} digits, pool 1796 (half shifted), "
         f"K={args.k}, budget={args.budget}, eps={args.epsilon}, delta={args.delta}, "
         f"threshold x{args.threshold} of the aggregate noise std, {args.seeds} seeds"
     )
@@ -113,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--extractors", nargs="+", default=["supervised", "random", "pca"])
+    parser.add_argument("--shift", choices=["invert", "thick", "noise"], default="invert")
     parser.add_argument("--client-size", type=int, default=400)
     parser.add_argument("--k", default="50", help="number of clusters, or 'auto'")
     parser.add_argument("--budget", type=int, default=200)

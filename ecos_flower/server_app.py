@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from ecos_flower.data import load_scenario
 from ecos_flower.flower.fedavg import run_fedavg
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.sampling_run import SAMPLING_METHODS, run_sampling
-from ecos_flower.flower.settings import merge_run_config, resolve_path
+from ecos_flower.flower.settings import merge_run_config, resolve_path, wait_for_nodes
 from ecos_flower.models import set_torch_threads
 
 METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
@@ -31,6 +32,12 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
     config = dict(config)
     config["scenario"] = str(resolve_path(config["scenario"], "scenario"))
     set_torch_threads(int(config["torch-threads"]))
+    expected = load_scenario(config["scenario"], config["data-root"] or None).num_clients
+    nodes = wait_for_nodes(grid, expected, timeout=float(config["node-wait"]))
+    if len(nodes) != expected:
+        log(WARNING, "scenario %s defines %d clients but %d nodes are connected: splitting the "
+            "clients' data into %d shards", config["scenario"], expected, len(nodes), len(nodes))
+    config["num-clients"] = len(nodes)
     report = METHODS[method](grid, config)
     for line in report.table().splitlines():
         log(INFO, "%s", line)

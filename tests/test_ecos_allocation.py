@@ -57,7 +57,11 @@ def test_uncapped_allocation_is_proportional(scores, budget: int) -> None:
 def test_allocation_examples() -> None:
     assert allocate_budget(np.array([3.0, 1.0]), np.array([100, 100]), 8).tolist() == [6, 2]
     # Capped cluster overflows to the other scored one, not to the zero-score one.
-    assert allocate_budget(np.array([9.0, 1.0, 0.0]), np.array([2, 50, 50]), 10).tolist() == [2, 8, 0]
+    assert allocate_budget(np.array([9.0, 1.0, 0.0]), np.array([2, 50, 50]), 10).tolist() == [
+        2,
+        8,
+        0,
+    ]
     # All scored clusters full: the rest goes by remaining capacity.
     assert allocate_budget(np.array([1.0, 0.0, 0.0]), np.array([2, 6, 2]), 6).tolist() == [2, 3, 1]
     # Budget above the pool: everything.

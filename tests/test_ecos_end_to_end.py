@@ -20,6 +20,7 @@ from ecos_flower.ecos import (
     domain_precision,
     make_extractor,
     score_sensitivity,
+    suggest_num_clusters,
 )
 from ecos_flower.privacy import GaussianMechanism, PrivacyLedger
 
@@ -64,3 +65,14 @@ def test_ecos_never_much_worse_than_random_on_a_small_client(digits_pool) -> Non
     for seed in range(6):
         ecos, rand = _run(*digits_pool, client_size=60, k=100, seed=seed)
         assert ecos >= rand - 0.1, (seed, ecos, rand)
+
+
+def test_k_chosen_for_the_client_size_rescues_the_small_client(digits_pool) -> None:
+    """Same small client, but K from suggest_num_clusters (coarse clusters above the noise)."""
+    pool_feats, domains, client_feats = digits_pool
+    sigma = GaussianMechanism.calibrated(1.0, 1e-5).sigma
+    k = suggest_num_clusters(60, sigma, len(pool_feats))
+    assert k < 10
+    for seed in range(3):
+        ecos, rand = _run(pool_feats, domains, client_feats, client_size=60, k=k, seed=seed)
+        assert ecos > 0.9 > rand + 0.3, (seed, ecos, rand)

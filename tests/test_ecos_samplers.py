@@ -73,7 +73,7 @@ def _all_samplers(feats, domains, seed=0):
     }
 
 
-@pytest.mark.parametrize("budget", [0, 1, 50, 299, 600, 1000])
+@pytest.mark.parametrize("budget", [0, 1, 120, 650])
 def test_every_sampler_returns_distinct_pool_indices(blobs, budget: int) -> None:
     feats, domains = blobs
     _, samplers = _all_samplers(feats, domains)

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecos_flower.ecos import aggregate_noise_std, aggregate_scores, coverage_scores, score_sensitivity
+from ecos_flower.ecos import (
+    aggregate_noise_std,
+    aggregate_scores,
+    coverage_scores,
+    score_sensitivity,
+)
 
 
 def _brute_force(x: np.ndarray, c: np.ndarray, mode: str, radius=None, m=1) -> np.ndarray:

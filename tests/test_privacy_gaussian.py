@@ -70,7 +70,9 @@ def test_sensitivity_scales_sigma_linearly() -> None:
     factor=st.floats(1.05, 4.0),
     log_delta=st.floats(-12.0, -2.0),
 )
-def test_sigma_decreases_with_epsilon_and_delta(eps: float, factor: float, log_delta: float) -> None:
+def test_sigma_decreases_with_epsilon_and_delta(
+    eps: float, factor: float, log_delta: float
+) -> None:
     delta = 10.0**log_delta
     sigma = analytic_gaussian_sigma(eps, delta)
     assert analytic_gaussian_sigma(eps * factor, delta) < sigma
@@ -90,7 +92,8 @@ def test_delta_decreases_in_sigma_and_epsilon(eps: float, sigma: float, factor: 
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(epsilon=0.0, delta=1e-5), dict(epsilon=1.0, delta=0.0), dict(epsilon=1.0, delta=1.0)]
+    "bad",
+    [dict(epsilon=0.0, delta=1e-5), dict(epsilon=1.0, delta=0.0), dict(epsilon=1.0, delta=1.0)],
 )
 def test_invalid_inputs(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -7,6 +7,8 @@ with every other pool domain. Everything is deterministic by the scenario seed.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +149,14 @@ def build_federation(scenario: Scenario) -> Federation:
     )
 
 
-_CACHE: dict[tuple[str, int, str | None], Federation] = {}
+_CACHE: dict[tuple[str, int, str | None, int | None], Federation] = {}
 
 
-def load_federation(path: str | Path, data_root: str | Path | None = None) -> Federation:
-    """load_scenario + build_federation, cached per process by (resolved path, mtime, data_root).
+def load_federation(
+    path: str | Path, data_root: str | Path | None = None, num_clients: int | None = None
+) -> Federation:
+    """load_scenario + build_federation, cached per process by (resolved path, mtime, data_root,
+    num_clients). `num_clients` overrides the scenario's (a deployment with another node count).
 
     Callers share the cached tensors: treat them as read-only.
     """
@@ -161,9 +166,14 @@ def load_federation(path: str | Path, data_root: str | Path | None = None) -> Fe
     except FileNotFoundError:
         raise ScenarioError(f"{file}: scenario file not found") from None
     root = None if data_root is None else str(Path(data_root).expanduser().resolve())
-    key = (str(file), mtime, root)
+    key = (str(file), mtime, root, num_clients)
     if key not in _CACHE:
-        _CACHE[key] = build_federation(load_scenario(file, data_root))
+        scenario = load_scenario(file, data_root)
+        if num_clients is not None and num_clients != scenario.num_clients:
+            if num_clients < 1:
+                raise ScenarioError(f"{file}: num-clients override {num_clients} must be >= 1")
+            scenario = dataclasses.replace(scenario, num_clients=int(num_clients))
+        _CACHE[key] = build_federation(scenario)
     return _CACHE[key]
 
 

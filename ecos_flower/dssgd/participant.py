@@ -3,6 +3,7 @@ helpers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -63,6 +64,7 @@ def local_step(
     svt_split: SvtSplit = "published",
     rng: np.random.Generator | None = None,
     device: str = "cpu",
+    on_loss: Callable[[float], None] | None = None,
 ) -> tuple[SparseUpdate, float]:
     """Train `model` in place (after the download), then choose what to upload.
 
@@ -71,10 +73,11 @@ def local_step(
     With `dp_epsilon`: the sparse vector technique (needs gamma); returns the epsilon it accounts
     for.
     The participant keeps its fully trained local model; only the returned update is shared.
+    `on_loss`, if given, receives the mean training loss of the last local epoch.
     """
     rng = rng if rng is not None else np.random.default_rng(seed)
     before = flatten_params(model)
-    train_epochs(
+    loss = train_epochs(
         model,
         images,
         labels,
@@ -85,6 +88,8 @@ def local_step(
         seed=seed,
         device=device,
     )
+    if on_loss is not None:
+        on_loss(loss)
     delta = flatten_params(model) - before
     if dp_epsilon is not None:
         if gamma is None:

@@ -50,9 +50,10 @@ def allocate_budget(scores: np.ndarray, cluster_sizes: np.ndarray, budget: int) 
         raise ValueError(f"cluster_sizes has shape {sizes.shape}, scores {s.shape}")
     if not np.isfinite(s).all() or (s < 0).any():
         raise ValueError("scores must be finite and >= 0 (aggregate and clip them first)")
-    if not np.issubdtype(sizes.dtype, np.integer):
-        if not np.all(np.asarray(sizes, dtype=np.float64) % 1 == 0):
-            raise ValueError("cluster_sizes must be integers")
+    if not np.issubdtype(sizes.dtype, np.integer) and not np.all(
+        np.asarray(sizes, dtype=np.float64) % 1 == 0
+    ):
+        raise ValueError("cluster_sizes must be integers")
     sizes = sizes.astype(np.int64)
     if (sizes < 0).any():
         raise ValueError("cluster_sizes must be >= 0")

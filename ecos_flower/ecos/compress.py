@@ -26,7 +26,7 @@ class Compression:
 
 
 def check_features(features: np.ndarray, name: str = "features") -> np.ndarray:
-    """Return `features` as a C-contiguous float32 (n, d) array; ValueError if not 2-D or not finite."""
+    """`features` as a C-contiguous float32 (n, d) array; ValueError if not 2-D or not finite."""
     array = np.ascontiguousarray(features, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {array.shape}")

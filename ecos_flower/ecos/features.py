@@ -33,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _as_image_tensor(images: ImageBatch) -> torch.Tensor:
-    """Validate an (N, C, S, S) image batch and return it as a float32 CPU tensor (no copy if possible)."""
+    """Validate an (N, C, H, W) image batch; return it as a float32 CPU tensor."""
     tensor = torch.as_tensor(images)
     if tensor.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(tensor.shape)}")
@@ -172,7 +172,11 @@ class _SmallCNNExtractor(_TorchExtractor):
         return {k: v for k, v in arrays.items() if k.startswith("features.")}
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_channels": self.in_channels, "embedding_dim": self.embedding_dim}
+        return {
+            "kind": self.kind,
+            "in_channels": self.in_channels,
+            "embedding_dim": self.embedding_dim,
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> FeatureExtractor:
@@ -181,7 +185,10 @@ class _SmallCNNExtractor(_TorchExtractor):
         )
         module = SmallCNN(1, extractor.in_channels, extractor.embedding_dim)
         module.features.load_state_dict(
-            {k.removeprefix("features."): torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+            {
+                k.removeprefix("features."): torch.from_numpy(np.asarray(v))
+                for k, v in arrays.items()
+            }
         )
         extractor._module = module.eval()
         return extractor
@@ -442,7 +449,9 @@ _CLASSES: dict[str, type[FeatureExtractor]] = {
 def make_extractor(kind: str, **kwargs: Any) -> FeatureExtractor:
     """An unfitted extractor of `kind` (one of EXTRACTOR_KINDS) with its keyword settings."""
     if kind not in _CLASSES:
-        raise ValueError(f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}")
+        raise ValueError(
+            f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}"
+        )
     return _CLASSES[kind](**kwargs)
 
 
@@ -451,7 +460,9 @@ def extractor_from_arrays(
 ) -> FeatureExtractor:
     """Rebuild a fitted extractor on the client from what the server shipped."""
     if kind not in _CLASSES:
-        raise ValueError(f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}")
+        raise ValueError(
+            f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}"
+        )
     if config.get("kind", kind) != kind:
         raise ValueError(f"config is for kind {config.get('kind')!r}, not {kind!r}")
     return _CLASSES[kind].from_arrays(arrays, config)

@@ -72,7 +72,9 @@ class EcosSampler:
                 f"scores have shape {scores.shape}, expected ({compression.num_clusters},)"
             )
         if within_cluster not in WITHIN_CLUSTER:
-            raise ValueError(f"within_cluster must be one of {WITHIN_CLUSTER}, got {within_cluster!r}")
+            raise ValueError(
+                f"within_cluster must be one of {WITHIN_CLUSTER}, got {within_cluster!r}"
+            )
         self.compression = compression
         self.scores = scores
         self.seed = seed

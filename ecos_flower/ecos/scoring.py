@@ -18,7 +18,7 @@ _CHUNK_ELEMENTS = 1 << 22  # chunk x K floats per distance block (16 MiB in floa
 
 
 def score_sensitivity(mode: str = "nearest", max_per_sample: int = 1) -> float:
-    """L2 sensitivity of the score vector: 1 for "nearest", sqrt(m) for "radius" (m centroids/sample)."""
+    """L2 sensitivity of the scores: 1 for "nearest", sqrt(m) for "radius" (m centroids/sample)."""
     if mode == "nearest":
         return 1.0
     if mode == "radius":

@@ -15,7 +15,8 @@ def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> C
     if not scenario:
         raise ValueError("no scenario: set `scenario` in the run config or the node config")
     data_root = str(node_config.get("data-root") or config.get("data-root") or "") or None
-    federation = load_federation(scenario, data_root=data_root)
+    num_clients = int(config["num-clients"]) if "num-clients" in config else None
+    federation = load_federation(scenario, data_root=data_root, num_clients=num_clients)
     if "partition-id" not in node_config:
         raise ValueError("node config has no `partition-id`: start the SuperNode with "
                          "--node-config 'partition-id=N num-partitions=M'")
@@ -24,9 +25,9 @@ def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> C
     num_partitions = int(node_config.get("num-partitions", num_clients))
     if num_partitions != num_clients:
         raise ValueError(
-            f"the federation has {num_partitions} nodes but scenario {scenario} defines "
-            f"{num_clients} clients: set `num-clients = {num_partitions}` in the scenario or "
-            f"run {num_clients} nodes (options.num-supernodes)"
+            f"this node says the federation has {num_partitions} nodes (num-partitions) but the "
+            f"server split scenario {scenario} into {num_clients} clients: start every node "
+            f"with num-partitions={num_clients}"
         )
     if not 0 <= partition_id < num_clients:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_clients - 1}")

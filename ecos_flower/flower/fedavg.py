@@ -14,7 +14,7 @@ from flwr.supercore import log
 
 from ecos_flower.data import load_federation
 from ecos_flower.flower.payload import MeteredGrid
-from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
 from ecos_flower.models import build_model
 
@@ -25,11 +25,13 @@ class RecordingFedAvg(FedAvg):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.last_evaluation: dict[int, MetricRecord] = {}
+        self.errors: dict[int, str] = {}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         for reply in replies:
             if reply.has_error():
+                self.errors[reply.metadata.src_node_id] = str(reply.error.reason)
                 log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id,
                     reply.error.reason)
                 continue
@@ -40,7 +42,8 @@ class RecordingFedAvg(FedAvg):
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Run FedAvg for `num-server-rounds` rounds and report per-client test accuracy and bytes."""
     start = time.time()
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None)
+    federation = load_federation(config["scenario"], data_root=config["data-root"] or None,
+                                 num_clients=config.get("num-clients"))
     metered = MeteredGrid(grid)
     num_nodes = len(list(grid.get_node_ids()))
     strategy = RecordingFedAvg(
@@ -59,6 +62,8 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
         train_config=client_config(config),
         evaluate_config=client_config(config),
     )
+    if not strategy.last_evaluation:
+        raise RuntimeError(no_results_message(strategy.errors))
     report = RunReport(method="fedavg", seed=int(config["seed"]), scenario=str(config["scenario"]))
     node_to_client = {}
     for node_id, metrics in strategy.last_evaluation.items():

@@ -90,3 +90,12 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+def no_results_message(errors: dict[int, str]) -> str:
+    """Why a run produced no client result: the first client errors, so the user sees the cause."""
+    if not errors:
+        return "no client returned an evaluation result"
+    first = "; ".join(f"node {node}: {reason.strip().splitlines()[-1] if reason.strip() else '?'}"
+                      for node, reason in list(errors.items())[:3])
+    return f"no client returned an evaluation result ({len(errors)} failed): {first}"

@@ -31,7 +31,7 @@ from ecos_flower.ecos import (
 )
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.payload import MeteredGrid
-from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
 from ecos_flower.models import build_model, train_epochs
 
@@ -78,7 +78,8 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         raise ValueError(f"{method!r} is not a sampling method ({', '.join(SAMPLING_METHODS)})")
     start, timer = time.time(), PhaseTimer()
     seed, budget = int(config["seed"]), int(config["budget"])
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None)
+    federation = load_federation(config["scenario"], data_root=config["data-root"] or None,
+                                 num_clients=config.get("num-clients"))
     pool = federation.pool
     metered = MeteredGrid(grid)
     strategy = EcosStrategy(
@@ -141,6 +142,8 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
                                                client_config(config), metered)
         replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
         strategy.aggregate_evaluate(1, replies)
+    if not strategy.accuracy:
+        raise RuntimeError(no_results_message({e.node_id: e.problem for e in strategy.rejected}))
     report = RunReport(method=method, seed=seed, scenario=str(config["scenario"]))
     report.accuracy_per_client = dict(strategy.accuracy)
     if method == "ecos":

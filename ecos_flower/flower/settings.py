@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
 
 import ecos_flower
 
@@ -26,6 +28,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "device": "cpu",
     "torch-threads": 1,
     "results-dir": "",
+    # Seconds to wait for the scenario's number of nodes to connect (deployment) before starting
+    # with those that did; the clients' data is then split into that many shards.
+    "node-wait": 30.0,
     # Sampling methods (ecos, oracle, random, kcenter, in-domain)
     "budget": 500,
     "num-centroids": 50,
@@ -70,10 +75,28 @@ def resolve_path(value: str | Path, what: str = "scenario") -> Path:
     raise FileNotFoundError(f"{what} file {str(value)!r} not found (looked at: {tried})")
 
 
-CLIENT_KEYS = ("scenario", "data-root", "model", "seed", "local-epochs", "batch-size",
-               "learning-rate", "device", "torch-threads")
+CLIENT_KEYS = ("scenario", "data-root", "num-clients", "model", "seed", "local-epochs",
+               "batch-size", "learning-rate", "device", "torch-threads")
 
 
 def client_config(config: Mapping[str, Any]) -> ConfigRecord:
     """The part of the run config every ClientApp needs, sent inside each message."""
-    return ConfigRecord({key: config[key] for key in CLIENT_KEYS})
+    return ConfigRecord({key: config[key] for key in CLIENT_KEYS if key in config})
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, settle: float = 3.0) -> list[int]:
+    """Node ids once `expected` nodes are connected, or once some are and their number has not
+    changed for `settle` seconds, or at `timeout`. Raises if no node connected at all."""
+    deadline = time.monotonic() + timeout
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if len(nodes) != last_count:
+            last_count, last_change = len(nodes), now
+        if len(nodes) >= expected or (nodes and now - last_change >= settle) or now >= deadline:
+            break
+        time.sleep(0.2)
+    if not nodes:
+        raise RuntimeError(f"no node connected within {timeout:.0f} s")
+    return nodes

@@ -86,7 +86,7 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
 
 
 def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
-    """Smallest epsilon for which noise `sigma` is (epsilon, delta)-DP (inverse of the calibration)."""
+    """Smallest epsilon at which noise `sigma` is (epsilon, delta)-DP (inverse calibration)."""
     sigma = _check_positive("sigma", sigma)
     delta = _check_delta(delta)
     sensitivity = _check_positive("sensitivity", sensitivity)
@@ -109,7 +109,7 @@ def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1
 
 
 def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
-    """Textbook calibration sqrt(2 ln(1.25/delta)) * sensitivity / epsilon (Dwork & Roth, eps < 1)."""
+    """Textbook sqrt(2 ln(1.25/delta)) * sensitivity / epsilon (Dwork & Roth; eps < 1)."""
     epsilon = _check_positive("epsilon", epsilon)
     delta = _check_delta(delta)
     sensitivity = _check_positive("sensitivity", sensitivity)
@@ -131,7 +131,7 @@ class GaussianMechanism:
     def calibrated(
         cls, epsilon: float, delta: float, sensitivity: float = 1.0, *, method: str = "analytic"
     ) -> GaussianMechanism:
-        """Mechanism for a target (epsilon, delta) with `method` "analytic" (default) or "classic"."""
+        """Mechanism for a target (epsilon, delta); `method` "analytic" (default) or "classic"."""
         if method == "analytic":
             sigma = analytic_gaussian_sigma(epsilon, delta, sensitivity)
         elif method == "classic":

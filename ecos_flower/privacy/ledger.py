@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,9 @@ class PrivacyLedger:
         use `load` or `open_or_create` so a restart cannot reset the budget by accident)."""
         self.epsilon_limit = float(epsilon_limit)
         if not math.isfinite(self.epsilon_limit) or self.epsilon_limit <= 0:
-            raise ValueError(f"epsilon_limit must be a positive finite number, got {epsilon_limit!r}")
+            raise ValueError(
+                f"epsilon_limit must be a positive finite number, got {epsilon_limit!r}"
+            )
         self.delta = float(delta)
         if not (0.0 < self.delta < 1.0):
             raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
@@ -115,8 +118,9 @@ class PrivacyLedger:
             effective = 1.0 / math.sqrt(sum(1.0 / z**2 for z in multipliers))
             return analytic_gaussian_epsilon(effective, self.delta)
         rdp = np.zeros(len(self.orders))
-        for z in multipliers:
-            rdp += compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=list(self.orders))
+        # Equal multipliers compose as `steps` of one release (RDP is additive): one call each.
+        for z, count in Counter(multipliers).items():
+            rdp += compute_rdp(q=1.0, noise_multiplier=z, steps=count, orders=list(self.orders))
         with warnings.catch_warnings():
             # An extreme optimal order only means a slightly loose (still valid) bound.
             warnings.simplefilter("ignore", UserWarning)

@@ -1,0 +1,28 @@
+"""The default app through Flower's real simulation engine (Ray), as `ecos-flower run` runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flower_helpers import FAST, tiny_scenario
+
+from ecos_flower.cli import main
+
+pytestmark = pytest.mark.simulation
+
+
+def test_ecos_through_ray_simulation_writes_a_full_report(tmp_path, flwr_home, capsys):
+    scenario = tiny_scenario(tmp_path, num_clients=3)
+    out = tmp_path / "out"
+    args = ["run", "--scenario", str(scenario), "--out", str(out), "--set", 'method="ecos"']
+    for key, value in FAST.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ecos: mean accuracy" in printed
+    (record,) = json.loads((out / "results.json").read_text())
+    assert sorted(record["accuracy_per_client"]) == ["0", "1", "2"]
+    assert all(v == pytest.approx(1.0) for v in record["epsilon_per_client"].values())
+    assert all(0 < v < 2_000 for v in record["bytes_up_per_client"].values())
+    assert record["extra"]["answered"] == 3
