@@ -1,7 +1,8 @@
 """End-to-end ECOS sanity check on scikit-learn's digits: does ECOS find the client's domain?
 
-Public pool: plain digits + shifted digits (`--shift`: inverted 1 - x by default) of one half of the images, upscaled to 16x16;
-client: a subset of the shifted digits of the other half. For each feature extractor: compress
+Public pool: plain + shifted digits (`--shift`: inverted 1 - x by default, "thick" strokes, or
+"noise") of one half of the images, upscaled to 16x16; client: a subset of the shifted digits of
+the other half. For each feature extractor: compress
 the pool (K-means), score the client's data, add analytic-Gaussian noise, aggregate with
 noise-aware thresholding, select a budget with ECOS / Oracle / Random / K-Center / InDomain, and
 print each selection's domain precision (fraction of picks from the client's domain).
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> None:
         per_seed: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for seed in range(args.seeds):
-            pool, pool_labels, domains, client = build_data(args.client_size, seed, shift=args.shift)
+            pool, pool_labels, domains, client = build_data(
+                args.client_size, seed, shift=args.shift
+            )
             if kind == "supervised":
                 extractor = make_extractor(kind, epochs=args.epochs, seed=seed)
             elif kind == "pca":

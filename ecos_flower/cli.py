@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -50,35 +49,26 @@ def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> RunReport:
     """Run one method on one scenario; Ray simulation unless --in-process."""
-    from ecos_flower.client_app import app as client_app
-    from ecos_flower.data import load_federation
-    from ecos_flower.flower.inprocess import InProcessGrid, run_in_process
-    from ecos_flower.server_app import make_server_app
+    from ecos_flower.data import load_scenario
+    from ecos_flower.flower.engines import run_once
 
     config = run_config_from_args(args)
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None)
-    num_clients = len(federation.clients)
-    reports: list[RunReport] = []
-    server_app = make_server_app(config, on_report=reports.append)
-    if args.in_process:
-        run_in_process(server_app, InProcessGrid(client_app, num_clients))
-    else:
-        from flwr.simulation import run_simulation
+    num_clients = load_scenario(config["scenario"], config["data-root"] or None).num_clients
+    report = run_once(config, num_clients, "in-process" if args.in_process else "ray")
+    print(report.table())
+    return report
 
-        backend_config = {
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-        }
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_config=backend_config,
-        )
-    if not reports:
-        raise SystemExit("error: the run ended without a report (see the log above)")
-    print(reports[0].table())
-    return reports[0]
+
+def compare(args: argparse.Namespace) -> None:
+    """Run several methods on one scenario over seeds; write results.json, results.md, plots."""
+    from ecos_flower.compare import run_compare, table_markdown
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    records = run_compare(args.scenario, methods, args.seeds, args.out, budgets=budgets,
+                          engine=args.engine, overrides=parse_overrides(args.set or []))
+    print(table_markdown(records))
+    print(f"results in {args.out}: results.json, results.md, accuracy-vs-*.png")
 
 
 def montage(args: argparse.Namespace) -> None:
@@ -103,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--in-process", action="store_true",
                             help="drive the apps in this process instead of Ray (fast, for debugging)")
     run_parser.set_defaults(func=run)
+    compare_parser = sub.add_parser("compare", help="compare methods on a scenario")
+    compare_parser.add_argument("scenario", nargs="?", default="simulations/embedded.toml")
+    compare_parser.add_argument("--methods", default="ecos,random,kcenter,fedavg",
+                                help="comma-separated preset names from strategies/")
+    compare_parser.add_argument("--seeds", type=int, default=1)
+    compare_parser.add_argument("--budgets", help="comma-separated budgets for sampling methods")
+    compare_parser.add_argument("--engine", choices=("ray", "in-process"), default="ray")
+    compare_parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                                help="override one run-config key for every method")
+    compare_parser.add_argument("--out", default="results/compare")
+    compare_parser.set_defaults(func=compare)
     montage_parser = sub.add_parser("montage", help="PNG of a scenario's domains")
     montage_parser.add_argument("scenario")
     montage_parser.add_argument("output")

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ecos_flower.flower.client_data import client_shard
+from ecos_flower.flower.dssgd_client import handle_dssgd_evaluate, handle_dssgd_train
 from ecos_flower.flower.ecos_client import handle_ecos_query
 from ecos_flower.models import build_model, evaluate_accuracy, set_torch_threads, train_epochs
 
 app = ClientApp()
+
+
+def timed(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Add the handler's wall time as metric `compute-s` to its reply (the client's compute cost)."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        start = time.perf_counter()
+        reply = handler(msg, context)
+        if reply.has_content() and isinstance(reply.content.get("metrics"), MetricRecord):
+            reply.content["metrics"]["compute-s"] = time.perf_counter() - start
+        return reply
+
+    return wrapper
 
 
 def _task_model(config, shard):  # noqa: ANN001, ANN202 - ConfigRecord, ClientShard
@@ -23,6 +42,7 @@ def _task_model(config, shard):  # noqa: ANN001, ANN202 - ConfigRecord, ClientSh
 
 
 @app.train()
+@timed
 def train(msg: Message, context: Context) -> Message:
     """FedAvg local training: load the global model, train on the local shard, return it."""
     config = msg.content["config"]
@@ -46,6 +66,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@timed
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the model the server sent on this client's own test split."""
     config = msg.content["config"]
@@ -68,7 +89,24 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query("ecos")
+@timed
 def ecos_query(msg: Message, context: Context) -> Message:
     """ECOS: noisy coverage counts of this client's data for the server's centroids."""
     set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_ecos_query(msg, context)
+
+
+@app.train("dssgd")
+@timed
+def dssgd_train(msg: Message, context: Context) -> Message:
+    """DSSGD: one participant step on the local model kept in this node's state."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_dssgd_train(msg, context)
+
+
+@app.evaluate("dssgd")
+@timed
+def dssgd_evaluate(msg: Message, context: Context) -> Message:
+    """DSSGD: score the local model and the server's global model on the local test split."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_dssgd_evaluate(msg, context)

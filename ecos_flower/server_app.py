@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from ecos_flower.data import load_scenario
+from ecos_flower.flower.dssgd_run import run_dssgd
 from ecos_flower.flower.fedavg import run_fedavg
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.sampling_run import SAMPLING_METHODS, run_sampling
@@ -20,6 +21,7 @@ from ecos_flower.models import set_torch_threads
 
 METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
     "fedavg": run_fedavg,
+    "dssgd": run_dssgd,
     **dict.fromkeys(SAMPLING_METHODS, run_sampling),
 }
 

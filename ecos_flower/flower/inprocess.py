@@ -6,6 +6,7 @@ so a payload that Flower cannot carry fails here too. Message flows test in mill
 
 from __future__ import annotations
 
+import secrets
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -56,10 +57,13 @@ class InProcessGrid(Grid):
         client_apps: Mapping[int, ClientAppCallable] | None = None,
         node_configs: Mapping[int, Mapping[str, Any]] | None = None,
         run_config: Mapping[str, Any] | None = None,
-        run_id: int = 1,
+        run_id: int | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError("an in-process grid needs at least one node")
+        # A fresh run id per grid, as Flower gives each run: per-run state (e.g. a client's default
+        # ledger file) must not leak from one run into the next.
+        run_id = run_id if run_id is not None else secrets.randbits(62)
         self._run = Run.create_empty(run_id)
         set_server_identity(run_id)
         self.node_ids = [1_000 + 7 * index for index in range(num_nodes)]

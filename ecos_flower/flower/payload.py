@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -13,6 +13,17 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 def payload_bytes(message: Message) -> int:
     """Serialised size of a message: the sum of its deflated objects, as Flower transfers them."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def reported_compute_seconds(reply: Message) -> float:
+    """The `compute-s` metric a ClientApp adds to its replies (0 when absent or implausible)."""
+    if reply.has_error() or "metrics" not in reply.content:
+        return 0.0
+    record = reply.content["metrics"]
+    value = record.get("compute-s", 0.0) if isinstance(record, MetricRecord) else 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if 0.0 <= value < 1e7 else 0.0
 
 
 class MeteredGrid(Grid):
@@ -27,6 +38,7 @@ class MeteredGrid(Grid):
         self.bytes_up: dict[int, int] = defaultdict(int)
         self.messages_down: dict[int, int] = defaultdict(int)
         self.messages_up: dict[int, int] = defaultdict(int)
+        self.compute_seconds: dict[int, float] = defaultdict(float)
 
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
         self._grid.set_run(run)
@@ -62,6 +74,7 @@ class MeteredGrid(Grid):
             node = msg.metadata.src_node_id
             self.bytes_up[node] += payload_bytes(msg)
             self.messages_up[node] += 1
+            self.compute_seconds[node] += reported_compute_seconds(msg)
         return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

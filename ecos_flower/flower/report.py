@@ -23,6 +23,7 @@ class RunReport:
     delta: float = 0.0
     bytes_up_per_client: dict[int, int] = field(default_factory=dict)
     bytes_down_per_client: dict[int, int] = field(default_factory=dict)
+    client_compute_s: dict[int, float] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -44,13 +45,14 @@ class RunReport:
         for node_id, client in node_to_client.items():
             self.bytes_up_per_client[client] = int(grid.bytes_up.get(node_id, 0))
             self.bytes_down_per_client[client] = int(grid.bytes_down.get(node_id, 0))
+            self.client_compute_s[client] = float(grid.compute_seconds.get(node_id, 0.0))
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["accuracy_mean"] = self.accuracy_mean
         record["epsilon"] = self.epsilon
         for key in ("accuracy_per_client", "epsilon_per_client", "bytes_up_per_client",
-                    "bytes_down_per_client"):
+                    "bytes_down_per_client", "client_compute_s"):
             record[key] = {str(k): v for k, v in sorted(record[key].items())}
         return _json_safe(record)
 

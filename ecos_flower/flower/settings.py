@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,12 +42,28 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "max-per-sample": 1,
     "threshold-multiple": 2.0,
     "client-epsilon-limit": 10.0,
-    "extractor": "supervised",
+    "extractor": "random",
     "extractor-epochs": 5,
     "pca-components": 64,
     "cloud-epochs": 30,
     "feature-cache": "",
     "timeout": 3600.0,
+    # DSSGD: local epochs per participant (server rounds are derived), schedule, up/download
+    # fractions, upload selection and clipping (gamma 0: none), SVT privacy per participant per
+    # epoch (dssgd-epsilon 0: no DP), and the stat decay (every 0: never).
+    "dssgd-epochs": 20,
+    "dssgd-schedule": "round-robin",
+    "theta-u": 0.1,
+    "theta-d": 1.0,
+    "upload-mode": "largest",
+    "gamma": 0.0,
+    "tau": 0.0,
+    "dssgd-epsilon": 0.0,
+    "svt-split": "published",
+    "dssgd-epsilon-limit": math.inf,
+    "stat-beta": 1.0,
+    "stat-decay-every": 0,
+    "evaluate-every": 0,
 }
 
 PACKAGE_ROOT = Path(ecos_flower.__file__).resolve().parent.parent

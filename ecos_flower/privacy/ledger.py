@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from ecos_flower.privacy._opacus import compute_rdp, get_privacy_spent
 
 from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon
 

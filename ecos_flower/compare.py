@@ -1,0 +1,234 @@
+"""`ecos-flower compare`: every selected method on one scenario, over seeds (and budgets for the
+sampling methods); writes results.json (one record per run), results.md (mean ± std) and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecos_flower.data import load_scenario
+from ecos_flower.flower.engines import run_once
+from ecos_flower.flower.report import RunReport, _json_safe
+from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config, resolve_path
+
+SAMPLING = ("ecos", "oracle", "random", "kcenter", "in-domain")
+# The keys every record has (the schema documented in the README; keep it stable).
+RECORD_KEYS = (
+    "method", "preset", "seed", "budget", "accuracy_mean", "accuracy_per_client", "epsilon",
+    "delta", "bytes_up_per_client", "bytes_down_per_client", "client_compute_s", "wall_s",
+    "domain_precision", "settings",
+)
+
+
+def available_methods() -> list[str]:
+    """Method names: the presets in strategies/ (each is a run-config TOML)."""
+    return sorted(p.stem for p in (PACKAGE_ROOT / "strategies").glob("*.toml"))
+
+
+def preset_config(method: str) -> dict[str, Any]:
+    """The run-config layer of a method's preset; unknown names raise listing the choices."""
+    path = PACKAGE_ROOT / "strategies" / f"{method}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(available_methods())}")
+    return tomllib.loads(path.read_text())
+
+
+def to_record(report: RunReport, preset: str, budget: int | None) -> dict[str, Any]:
+    """A report as one results.json record (the stable schema)."""
+    full = report.to_json()
+    record = {
+        "method": preset,
+        "preset": preset,
+        "seed": report.seed,
+        "budget": budget,
+        "accuracy_mean": report.accuracy_mean,
+        "accuracy_per_client": full["accuracy_per_client"],
+        "epsilon": full["epsilon"],
+        "delta": report.delta,
+        "bytes_up_per_client": full["bytes_up_per_client"],
+        "bytes_down_per_client": full["bytes_down_per_client"],
+        "client_compute_s": full["client_compute_s"],
+        "wall_s": report.wall_s,
+        "domain_precision": report.extra.get("domain-precision"),
+        "settings": full["settings"],
+        "phase_seconds": full["phase_seconds"],
+        "extra": _json_safe(report.extra),
+    }
+    return record
+
+
+def run_compare(
+    scenario: str | Path,
+    methods: Sequence[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    budgets: Sequence[int] | None = None,
+    engine: str = "ray",
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every (method, budget, seed); write results.json after each run (so nothing is lost
+    if a later run fails), then results.md and the plots. Returns the records."""
+    from tqdm import tqdm
+
+    scenario_path = resolve_path(scenario, "scenario")
+    num_clients = load_scenario(scenario_path).num_clients
+    layers = {m: preset_config(m) for m in methods}  # validate every name before running
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for method in methods:
+        method_budgets = budgets if (budgets and layers[method]["method"] in SAMPLING) else [None]
+        for budget in method_budgets:
+            for seed in range(seeds):
+                plan.append((method, budget, seed))
+    records: list[dict[str, Any]] = []
+    progress = tqdm(plan, desc="compare", unit="run")
+    for method, budget, seed in progress:
+        label = method if budget is None else f"{method} B={budget}"
+        progress.set_postfix_str(f"{label} seed {seed}")
+        layer = dict(layers[method])
+        if budget is not None:
+            layer["budget"] = int(budget)
+        config = merge_run_config(layer, overrides or {},
+                                  {"scenario": str(scenario_path), "seed": seed})
+        start = time.time()
+        report = run_once(config, num_clients, engine)
+        report.wall_s = time.time() - start
+        records.append(to_record(report, method, layer.get("budget") if
+                                 layers[method]["method"] in SAMPLING else None))
+        (out / "results.json").write_text(json.dumps(records, indent=2))
+    write_table(records, out / "results.md", scenario_path, methods, seeds, engine)
+    write_plots(records, out)
+    return records
+
+
+def _group(records: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[str, Any]]]:
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[(record["method"], record["budget"])].append(record)
+    return groups
+
+
+def _mean_std(values: list[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    array = np.asarray(values, dtype=float) * scale
+    if len(array) == 1:
+        return fmt.format(array[0])
+    return f"{fmt.format(array.mean())} ± {fmt.format(array.std(ddof=1))}"
+
+
+def _epsilon_text(values: list[Any]) -> str:
+    floats = [float(v) for v in values]
+    if all(math.isinf(v) for v in floats):
+        return "inf"
+    return f"{max(floats):.3g}"
+
+
+def _mean_bytes(per_client: dict[str, int]) -> float:
+    return float(np.mean(list(per_client.values()))) if per_client else 0.0
+
+
+def table_markdown(records: list[dict[str, Any]]) -> str:
+    """Methods as rows: accuracy (%) and domain precision mean ± std over seeds, epsilon per
+    client (max over seeds), bytes up/down per client (mean), client compute and wall time."""
+    header = ("| method | budget | seeds | accuracy (%) | domain precision | epsilon (delta) | "
+              "bytes up / client | bytes down / client | client compute (s) | wall (s) |")
+    lines = [header, "|" + "---|" * 10]
+    for (method, budget), group in _group(records).items():
+        precision = [r["domain_precision"] for r in group if r["domain_precision"] is not None]
+        delta = group[0]["delta"]
+        eps = _epsilon_text([r["epsilon"] for r in group])
+        eps_cell = eps if eps in ("inf", "0") or not delta else f"{eps} ({delta:g})"
+        lines.append(
+            f"| {method} | {budget if budget is not None else '-'} | {len(group)} | "
+            f"{_mean_std([r['accuracy_mean'] for r in group], scale=100)} | "
+            f"{_mean_std(precision, '{:.3f}') if precision else '-'} | {eps_cell} | "
+            f"{np.mean([_mean_bytes(r['bytes_up_per_client']) for r in group]):,.0f} | "
+            f"{np.mean([_mean_bytes(r['bytes_down_per_client']) for r in group]):,.0f} | "
+            f"{np.mean([np.mean(list(r['client_compute_s'].values()) or [0]) for r in group]):.2f} | "
+            f"{np.mean([r['wall_s'] for r in group]):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_table(records: list[dict[str, Any]], path: Path, scenario: Path,
+                methods: Sequence[str], seeds: int, engine: str) -> None:
+    """results.md: the table and the command that made it."""
+    command = (f"ecos-flower compare {scenario.name} --methods {','.join(methods)} "
+               f"--seeds {seeds} --engine {engine}")
+    path.write_text(
+        f"# Comparison on `{scenario.name}`\n\n"
+        f"Made by `{command}` (see results.json for every run; accuracy is the mean over clients "
+        f"of each client's test accuracy, then mean ± std over seeds; epsilon is each client's "
+        f"total for the run).\n\n{table_markdown(records)}\n"
+    )
+
+
+def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """accuracy-vs-epsilon.png, accuracy-vs-bytes.png (log x), accuracy-vs-budget.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    paths = []
+
+    def finish(fig, ax, name: str, xlabel: str) -> None:  # noqa: ANN001
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("client test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = []
+    for (method, budget), group in groups.items():
+        eps = max(float(r["epsilon"]) for r in group)
+        acc = [100 * r["accuracy_mean"] for r in group]
+        label = method if budget is None else f"{method} B={budget}"
+        if math.isinf(eps):
+            ax.axhline(np.mean(acc), linestyle="--", linewidth=1, label=f"{label} (eps=inf)",
+                       color=f"C{len(finite) % 10}")
+        else:
+            finite.append(eps)
+            ax.errorbar([max(eps, 1e-3)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o",
+                        label=label, capsize=3)
+    if finite:
+        ax.set_xscale("symlog", linthresh=0.1)
+    finish(fig, ax, "accuracy-vs-epsilon.png", "epsilon per client (total; 0 = never reads client data)")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, budget), group in groups.items():
+        up = np.mean([_mean_bytes(r["bytes_up_per_client"]) for r in group])
+        acc = [100 * r["accuracy_mean"] for r in group]
+        label = method if budget is None else f"{method} B={budget}"
+        ax.errorbar([max(up, 1.0)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o", label=label,
+                    capsize=3)
+    ax.set_xscale("log")
+    finish(fig, ax, "accuracy-vs-bytes.png", "bytes uploaded per client (log)")
+
+    sampling = {k: g for k, g in groups.items() if k[1] is not None}
+    if sampling:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+        for (method, budget), group in sampling.items():
+            acc = [100 * r["accuracy_mean"] for r in group]
+            by_method[method].append((budget, float(np.mean(acc)), float(np.std(acc))))
+        for method, points in by_method.items():
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                        yerr=[p[2] for p in points], marker="o", label=method, capsize=3)
+        finish(fig, ax, "accuracy-vs-budget.png", "budget (selected pool samples)")
+    return paths

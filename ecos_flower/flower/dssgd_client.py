@@ -1,0 +1,346 @@
+"""The DSSGD participant: keep the local model in `context.state`, overwrite the downloaded
+entries, train one local epoch, charge the pure-DP ledger (SVT uploads), reply with a sparse upload.
+
+The local model lives in `context.state` (a flat float32 vector), so the same handler works in
+Flower's simulation engine and on a real SuperNode. On first contact the participant builds the
+run's model from the shared seed (the server starts from the same initial parameters) and then
+applies the download.
+
+The participant owns its budget: with DP on, the epsilon of each upload is charged to a pure-DP
+ledger on disk (basic composition), and an upload that would take the ledger past the node's
+`epsilon-limit` (node config; else the run's `dssgd-epsilon-limit`) is refused before any training.
+Every task is checked before anything is allocated, and refused with a reason when it is absurd.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from ecos_flower.dssgd import (
+    InvalidUpdateError,
+    SparseUpdate,
+    apply_download,
+    flatten_params,
+    fraction_count,
+    load_flat_params,
+    local_step,
+    svt_scales,
+    upload_count,
+    validate_sparse_update,
+)
+from ecos_flower.flower.client_data import client_shard
+from ecos_flower.models import build_model, evaluate_accuracy
+from ecos_flower.privacy.pure_dp import PureBudgetExceededError, PureDPLedger
+
+# Bounds a participant enforces before it allocates anything (node config may change them).
+DEFAULT_LIMITS = {"max-params": 50_000_000, "max-classes": 100_000}
+UPLOAD_MODES = ("largest", "threshold")
+SVT_SPLITS = ("published", "corrected")
+STATE_PARAMS = "dssgd-local"  # ArrayRecord {"params": flat float32 local model}
+STATE_INFO = "dssgd-local-info"  # ConfigRecord {"steps", "num-params", "model"}
+
+
+class TaskRejected(ValueError):
+    """A DSSGD task this participant will not run (absurd settings or a malformed download)."""
+
+
+def seeded_model(
+    name: str, seed: int, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The run's initial model: the same parameters on the server and on every participant.
+
+    Seeds a forked torch RNG, so the caller's random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model(name, num_classes, in_channels, image_size)
+
+
+def _limit(node_config: dict[str, Any], key: str) -> int:
+    return int(node_config.get(key, DEFAULT_LIMITS[key]))
+
+
+def _number(task: ConfigRecord, key: str) -> float:
+    """A numeric task field; bool and text are refused."""
+    if key not in task:
+        raise TaskRejected(f"task has no {key!r}")
+    value = task[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TaskRejected(f"{key}={value!r} is not a number")
+    return float(value)
+
+
+def _integer(task: ConfigRecord, key: str, low: int, high: int) -> int:
+    value = _number(task, key)
+    if not (value.is_integer() and low <= value <= high):
+        raise TaskRejected(f"{key}={value:g} must be an integer in {low}..{high}")
+    return int(value)
+
+
+def check_task(task: ConfigRecord, node_config: dict[str, Any]) -> None:
+    """Refuse absurd or unsafe DSSGD settings with a reason, before any work is done."""
+    for key in ("theta-u", "theta-d"):
+        theta = _number(task, key)
+        if not 0.0 < theta <= 1.0:
+            raise TaskRejected(f"{key}={theta:g} must lie in (0, 1]")
+    _integer(task, "num-params", 1, _limit(node_config, "max-params"))
+    _integer(task, "num-classes", 2, _limit(node_config, "max-classes"))
+    mode = task.get("upload-mode", "largest")
+    if mode not in UPLOAD_MODES:
+        raise TaskRejected(f"unknown upload-mode {mode!r}; expected one of {UPLOAD_MODES}")
+    tau = _number(task, "tau") if "tau" in task else 0.0
+    if not (math.isfinite(tau) and tau >= 0):
+        raise TaskRejected(f"tau={tau} must be a finite number >= 0")
+    if "gamma" in task:
+        gamma = _number(task, "gamma")
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise TaskRejected(f"gamma={gamma} must be a positive finite number")
+    if "dp-epsilon" in task:
+        epsilon = _number(task, "dp-epsilon")
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise TaskRejected(f"dp-epsilon={epsilon} must be a positive finite number")
+        if "gamma" not in task:
+            raise TaskRejected("the DP (SVT) upload needs a clip bound gamma")
+        split = task.get("svt-split", "published")
+        if split not in SVT_SPLITS:
+            raise TaskRejected(f"unknown svt-split {split!r}; expected one of {SVT_SPLITS}")
+    if "epoch" in task:
+        _integer(task, "epoch", 0, 10**9)
+
+
+def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
+    """The server's download (indices int64, values float32), checked against the task's sizes."""
+    record = msg.content["download"] if "download" in msg.content else None
+    if not isinstance(record, ArrayRecord):
+        raise TaskRejected("task has no ArrayRecord 'download'")
+    if sorted(record.keys()) != ["indices", "values"]:
+        raise TaskRejected(f"download holds {sorted(record.keys())}, expected indices and values")
+    num_params = int(task["num-params"])
+    expected = fraction_count(float(task["theta-d"]), num_params)
+    for name in ("indices", "values"):
+        shape = tuple(record[name].shape)
+        if shape != (expected,):
+            raise TaskRejected(
+                f"download {name} have shape {shape}, expected ({expected},) for theta-d="
+                f"{float(task['theta-d']):g} of {num_params} parameters"
+            )
+    indices, values = record["indices"].numpy(), record["values"].numpy()
+    if indices.dtype != np.int64 or values.dtype != np.float32:
+        raise TaskRejected(
+            f"download dtypes are {indices.dtype}/{values.dtype}, expected int64/float32"
+        )
+    try:
+        return validate_sparse_update(indices, values, num_params)
+    except InvalidUpdateError as exc:
+        raise TaskRejected(f"bad download: {exc}") from exc
+
+
+def ledger_path(context: Context) -> Path:
+    """Where this node's pure-DP ledger lives.
+
+    Node config `dssgd-ledger-path`; else next to the node's (approximate-DP, ECOS) `ledger-path`
+    as `<name>-dssgd.json`; else a per-run file under FLWR_HOME.
+    """
+    node_config = context.node_config
+    if node_config.get("dssgd-ledger-path"):
+        return Path(str(node_config["dssgd-ledger-path"]))
+    if node_config.get("ledger-path"):
+        path = Path(str(node_config["ledger-path"]))
+        return path.with_name(f"{path.stem}-dssgd.json")
+    base = Path(os.environ.get("FLWR_HOME", tempfile.gettempdir())) / "ecos-ledgers"
+    return base / f"run-{context.run_id}-node-{context.node_id}-dssgd.json"
+
+
+def open_ledger(context: Context, task: ConfigRecord) -> tuple[PureDPLedger, Path]:
+    """This node's ledger (created empty if absent) under its current epsilon limit."""
+    limit = float(context.node_config.get("epsilon-limit", task.get("epsilon-limit", math.inf)))
+    path = ledger_path(context)
+    ledger = PureDPLedger.load(path) if path.exists() else PureDPLedger(limit)
+    ledger.epsilon_limit = limit
+    return ledger, path
+
+
+def _task_shape(shard) -> tuple[int, int]:  # noqa: ANN001 - ClientShard
+    images = shard.train.images
+    return int(images.shape[1]), int(images.shape[-1])
+
+
+def local_model(
+    context: Context, config: ConfigRecord, task: ConfigRecord, shard
+) -> tuple[nn.Module, int]:  # noqa: ANN001 - ClientShard
+    """The participant's model and its step count: from `context.state`, or the seeded initial
+    model on first contact. Raises TaskRejected if its size does not match the task."""
+    in_channels, image_size = _task_shape(shard)
+    name = str(config["model"])
+    model = seeded_model(
+        name, int(config.get("seed", 0)), int(task["num-classes"]), in_channels, image_size
+    )
+    size = sum(p.numel() for p in model.parameters())
+    if size != int(task["num-params"]):
+        raise TaskRejected(
+            f"num-params={int(task['num-params'])} but this node's {name} has {size} parameters"
+        )
+    steps = 0
+    if STATE_PARAMS in context.state:
+        info = context.state[STATE_INFO]
+        if int(info["num-params"]) != size or str(info["model"]) != name:
+            raise TaskRejected(
+                f"the local model in this node's state is a {info['model']} with "
+                f"{int(info['num-params'])} parameters, the task wants {name} with {size}"
+            )
+        load_flat_params(model, context.state[STATE_PARAMS]["params"].numpy())
+        steps = int(info["steps"])
+    return model, steps
+
+
+def save_local_model(context: Context, model: nn.Module, steps: int, name: str) -> None:
+    """Keep the trained local model (flat) and its step count in the node's state."""
+    flat = flatten_params(model)
+    context.state[STATE_PARAMS] = ArrayRecord({"params": Array(flat)})
+    context.state[STATE_INFO] = ConfigRecord(
+        {"steps": steps, "num-params": int(flat.shape[0]), "model": name}
+    )
+
+
+def handle_dssgd_train(msg: Message, context: Context) -> Message:
+    """One participant step (`train.dssgd`): download, one local epoch, select, upload."""
+    task = msg.content["dssgd"] if "dssgd" in msg.content else None
+    if not isinstance(task, ConfigRecord):
+        return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
+    try:
+        check_task(task, context.node_config)
+        download = read_download(msg, task)
+    except TaskRejected as exc:
+        return _refusal(msg, f"task rejected: {exc}")
+    num_params, theta_u = int(task["num-params"]), float(task["theta-u"])
+    dp_epsilon = float(task["dp-epsilon"]) if "dp-epsilon" in task else None
+    gamma = float(task["gamma"]) if "gamma" in task else None
+    split = str(task.get("svt-split", "published"))
+    epoch = int(task.get("epoch", 0))
+    ledger = path = None
+    if dp_epsilon is not None:
+        try:
+            ledger, path = open_ledger(context, task)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return _refusal(msg, f"privacy ledger unreadable, refusing to release: {exc}")
+        cost = svt_scales(dp_epsilon, upload_count(theta_u, num_params), gamma, split)
+        if not ledger.can_charge(cost.epsilon_spent):
+            return _refusal(
+                msg,
+                f"privacy budget: this upload costs epsilon {cost.epsilon_spent:g}; spent "
+                f"{ledger.spent:g} of the limit {ledger.epsilon_limit:g}",
+            )
+    config = msg.content["config"]
+    shard = client_shard(config, context.node_config)
+    try:
+        model, steps = local_model(context, config, task, shard)
+    except TaskRejected as exc:
+        return _refusal(msg, f"task rejected: {exc}")
+    apply_download(model, download)
+    partition = int(context.node_config["partition-id"])
+    seed = int(config.get("seed", 0))
+    if dp_epsilon is not None:  # fresh noise: never reproducible from the run's seed
+        rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    else:
+        rng = np.random.default_rng([seed, partition, steps])
+    losses: list[float] = []
+    update, epsilon = local_step(
+        model,
+        shard.train.images,
+        shard.train.labels,
+        epochs=1,
+        batch_size=int(config["batch-size"]),
+        lr=float(config["learning-rate"]),
+        seed=seed * 1_000_003 + partition * 10_007 + steps,
+        theta_u=theta_u,
+        mode=str(task.get("upload-mode", "largest")),
+        gamma=gamma,
+        tau=float(task.get("tau", 0.0)),
+        dp_epsilon=dp_epsilon,
+        svt_split=split,
+        rng=rng,
+        device=str(config.get("device", "cpu")),
+        on_loss=losses.append,
+    )
+    if ledger is not None and path is not None:
+        try:
+            ledger.charge(epsilon, note=f"dssgd svt upload, run {context.run_id}", epoch=epoch)
+        except PureBudgetExceededError as exc:
+            return _refusal(msg, f"privacy budget: {exc}")
+        ledger.save(path)
+    save_local_model(context, model, steps + 1, str(config["model"]))
+    metrics = MetricRecord(
+        {
+            "partition-id": partition,
+            "num-examples": len(shard.train),
+            "train-loss": float(losses[-1]) if losses else 0.0,
+            "epsilon-spent": ledger.spent if ledger is not None else 0.0,
+            "epsilon-epoch": float(epsilon),
+            "local-steps": steps + 1,
+        }
+    )
+    upload = ArrayRecord(
+        {
+            "indices": Array(np.ascontiguousarray(update.indices, dtype=np.int64)),
+            "values": Array(np.ascontiguousarray(update.values, dtype=np.float32)),
+        }
+    )
+    return Message(content=RecordDict({"upload": upload, "metrics": metrics}), reply_to=msg)
+
+
+def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
+    """Score both the local model and the server's global model on this node's test split."""
+    task = msg.content["dssgd"] if "dssgd" in msg.content else None
+    if not isinstance(task, ConfigRecord):
+        return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
+    try:
+        num_params = _integer(task, "num-params", 1, _limit(context.node_config, "max-params"))
+        _integer(task, "num-classes", 2, _limit(context.node_config, "max-classes"))
+        record = msg.content["global"] if "global" in msg.content else None
+        if not isinstance(record, ArrayRecord) or list(record.keys()) != ["params"]:
+            raise TaskRejected("task has no ArrayRecord 'global' holding 'params'")
+        if tuple(record["params"].shape) != (num_params,):
+            raise TaskRejected(
+                f"global params have shape {tuple(record['params'].shape)}, "
+                f"expected ({num_params},)"
+            )
+        params = record["params"].numpy()
+        if params.dtype != np.float32 or not np.all(np.isfinite(params)):
+            raise TaskRejected("global params must be finite float32 numbers")
+        config = msg.content["config"]
+        shard = client_shard(config, context.node_config)
+        model, steps = local_model(context, config, task, shard)
+    except TaskRejected as exc:
+        return _refusal(msg, f"task rejected: {exc}")
+    server_model = build_model(str(config["model"]), int(task["num-classes"]), *_task_shape(shard))
+    load_flat_params(server_model, params)
+    device = str(config.get("device", "cpu"))
+    accuracy, loss = evaluate_accuracy(model, shard.test.images, shard.test.labels, device=device)
+    server_accuracy, server_loss = evaluate_accuracy(
+        server_model, shard.test.images, shard.test.labels, device=device
+    )
+    metrics = MetricRecord(
+        {
+            "accuracy": accuracy,
+            "loss": loss,
+            "server-accuracy": server_accuracy,
+            "server-loss": server_loss,
+            "num-examples": len(shard.test),
+            "partition-id": int(context.node_config["partition-id"]),
+            "local-steps": steps,
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _refusal(msg: Message, reason: str) -> Message:
+    return Message(content=RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
