@@ -13,7 +13,7 @@ from ecos_flower.flower.settings import merge_run_config, resolve_path
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs, values parsed as TOML (numbers, booleans, quoted strings) or kept as text."""
+    """`key=value` pairs; values parsed as TOML (numbers, booleans, strings), else kept as text."""
     parsed: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -65,8 +65,15 @@ def compare(args: argparse.Namespace) -> None:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
-    records = run_compare(args.scenario, methods, args.seeds, args.out, budgets=budgets,
-                          engine=args.engine, overrides=parse_overrides(args.set or []))
+    records = run_compare(
+        args.scenario,
+        methods,
+        args.seeds,
+        args.out,
+        budgets=budgets,
+        engine=args.engine,
+        overrides=parse_overrides(args.set or []),
+    )
     print(table_markdown(records))
     print(f"results in {args.out}: results.json, results.md, accuracy-vs-*.png")
 
@@ -87,21 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = sub.add_parser("run", help="run one method on a scenario (Flower simulation)")
     run_parser.add_argument("--scenario", help="scenario TOML (default: simulations/embedded.toml)")
     run_parser.add_argument("--preset", help="a run-config TOML, e.g. strategies/fedavg.toml")
-    run_parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                            help="override one run-config key (repeatable)")
+    run_parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one run-config key (repeatable)",
+    )
     run_parser.add_argument("--out", help="folder for results.json")
-    run_parser.add_argument("--in-process", action="store_true",
-                            help="drive the apps in this process instead of Ray (fast, for debugging)")
+    run_parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="drive the apps in this process instead of Ray (fast, for debugging)",
+    )
     run_parser.set_defaults(func=run)
     compare_parser = sub.add_parser("compare", help="compare methods on a scenario")
     compare_parser.add_argument("scenario", nargs="?", default="simulations/embedded.toml")
-    compare_parser.add_argument("--methods", default="ecos,random,kcenter,fedavg",
-                                help="comma-separated preset names from strategies/")
+    compare_parser.add_argument(
+        "--methods",
+        default="ecos,random,kcenter,fedavg",
+        help="comma-separated preset names from strategies/",
+    )
     compare_parser.add_argument("--seeds", type=int, default=1)
     compare_parser.add_argument("--budgets", help="comma-separated budgets for sampling methods")
     compare_parser.add_argument("--engine", choices=("ray", "in-process"), default="ray")
-    compare_parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                                help="override one run-config key for every method")
+    compare_parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one run-config key for every method",
+    )
     compare_parser.add_argument("--out", default="results/compare")
     compare_parser.set_defaults(func=compare)
     montage_parser = sub.add_parser("montage", help="PNG of a scenario's domains")

@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
+from ecos_flower.flower.baseline_client import handle_data_upload, handle_local_training
 from ecos_flower.flower.client_data import client_shard
 from ecos_flower.flower.dssgd_client import handle_dssgd_evaluate, handle_dssgd_train
 from ecos_flower.flower.ecos_client import handle_ecos_query
@@ -18,7 +20,7 @@ app = ClientApp()
 
 
 def timed(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Add the handler's wall time as metric `compute-s` to its reply (the client's compute cost)."""
+    """Add the handler's wall time to its reply as metric `compute-s` (client compute cost)."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
@@ -110,3 +112,25 @@ def dssgd_evaluate(msg: Message, context: Context) -> Message:
     """DSSGD: score the local model and the server's global model on the local test split."""
     set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_dssgd_evaluate(msg, context)
+
+
+@app.train("dpfedavg", mods=[fixedclipping_mod])
+@timed
+def dp_fedavg_train(msg: Message, context: Context) -> Message:
+    """DP-FedAvg local training: FedAvg's handler; Flower's `fixedclipping_mod` clips the update."""
+    return train(msg, context)
+
+
+@app.train("local")
+@timed
+def local_train(msg: Message, context: Context) -> Message:
+    """Reference point `local`: train alone on the own shard, report test accuracy only."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_local_training(msg, context)
+
+
+@app.query("upload")
+@timed
+def upload_data(msg: Message, context: Context) -> Message:
+    """Reference point `centralized`: send the raw training shard (no privacy)."""
+    return handle_data_upload(msg, context)

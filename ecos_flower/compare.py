@@ -22,9 +22,20 @@ from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config, resolve_
 SAMPLING = ("ecos", "oracle", "random", "kcenter", "in-domain")
 # The keys every record has (the schema documented in the README; keep it stable).
 RECORD_KEYS = (
-    "method", "preset", "seed", "budget", "accuracy_mean", "accuracy_per_client", "epsilon",
-    "delta", "bytes_up_per_client", "bytes_down_per_client", "client_compute_s", "wall_s",
-    "domain_precision", "settings",
+    "method",
+    "preset",
+    "seed",
+    "budget",
+    "accuracy_mean",
+    "accuracy_per_client",
+    "epsilon",
+    "delta",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "client_compute_s",
+    "wall_s",
+    "domain_precision",
+    "settings",
 )
 
 
@@ -98,13 +109,19 @@ def run_compare(
         layer = dict(layers[method])
         if budget is not None:
             layer["budget"] = int(budget)
-        config = merge_run_config(layer, overrides or {},
-                                  {"scenario": str(scenario_path), "seed": seed})
+        config = merge_run_config(
+            layer, overrides or {}, {"scenario": str(scenario_path), "seed": seed}
+        )
         start = time.time()
         report = run_once(config, num_clients, engine)
         report.wall_s = time.time() - start
-        records.append(to_record(report, method, layer.get("budget") if
-                                 layers[method]["method"] in SAMPLING else None))
+        records.append(
+            to_record(
+                report,
+                method,
+                layer.get("budget") if layers[method]["method"] in SAMPLING else None,
+            )
+        )
         (out / "results.json").write_text(json.dumps(records, indent=2))
     write_table(records, out / "results.md", scenario_path, methods, seeds, engine)
     write_plots(records, out)
@@ -136,11 +153,18 @@ def _mean_bytes(per_client: dict[str, int]) -> float:
     return float(np.mean(list(per_client.values()))) if per_client else 0.0
 
 
+def _mean_compute(record: dict[str, Any]) -> float:
+    values = list(record["client_compute_s"].values())
+    return float(np.mean(values)) if values else 0.0
+
+
 def table_markdown(records: list[dict[str, Any]]) -> str:
     """Methods as rows: accuracy (%) and domain precision mean ± std over seeds, epsilon per
     client (max over seeds), bytes up/down per client (mean), client compute and wall time."""
-    header = ("| method | budget | seeds | accuracy (%) | domain precision | epsilon (delta) | "
-              "bytes up / client | bytes down / client | client compute (s) | wall (s) |")
+    header = (
+        "| method | budget | seeds | accuracy (%) | domain precision | epsilon (delta) | "
+        "bytes up / client | bytes down / client | client compute (s) | wall (s) |"
+    )
     lines = [header, "|" + "---|" * 10]
     for (method, budget), group in _group(records).items():
         precision = [r["domain_precision"] for r in group if r["domain_precision"] is not None]
@@ -153,17 +177,25 @@ def table_markdown(records: list[dict[str, Any]]) -> str:
             f"{_mean_std(precision, '{:.3f}') if precision else '-'} | {eps_cell} | "
             f"{np.mean([_mean_bytes(r['bytes_up_per_client']) for r in group]):,.0f} | "
             f"{np.mean([_mean_bytes(r['bytes_down_per_client']) for r in group]):,.0f} | "
-            f"{np.mean([np.mean(list(r['client_compute_s'].values()) or [0]) for r in group]):.2f} | "
+            f"{np.mean([_mean_compute(r) for r in group]):.2f} | "
             f"{np.mean([r['wall_s'] for r in group]):.1f} |"
         )
     return "\n".join(lines)
 
 
-def write_table(records: list[dict[str, Any]], path: Path, scenario: Path,
-                methods: Sequence[str], seeds: int, engine: str) -> None:
+def write_table(
+    records: list[dict[str, Any]],
+    path: Path,
+    scenario: Path,
+    methods: Sequence[str],
+    seeds: int,
+    engine: str,
+) -> None:
     """results.md: the table and the command that made it."""
-    command = (f"ecos-flower compare {scenario.name} --methods {','.join(methods)} "
-               f"--seeds {seeds} --engine {engine}")
+    command = (
+        f"ecos-flower compare {scenario.name} --methods {','.join(methods)} "
+        f"--seeds {seeds} --engine {engine}"
+    )
     path.write_text(
         f"# Comparison on `{scenario.name}`\n\n"
         f"Made by `{command}` (see results.json for every run; accuracy is the mean over clients "
@@ -199,23 +231,40 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
         acc = [100 * r["accuracy_mean"] for r in group]
         label = method if budget is None else f"{method} B={budget}"
         if math.isinf(eps):
-            ax.axhline(np.mean(acc), linestyle="--", linewidth=1, label=f"{label} (eps=inf)",
-                       color=f"C{len(finite) % 10}")
+            ax.axhline(
+                np.mean(acc),
+                linestyle="--",
+                linewidth=1,
+                label=f"{label} (eps=inf)",
+                color=f"C{len(finite) % 10}",
+            )
         else:
             finite.append(eps)
-            ax.errorbar([max(eps, 1e-3)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o",
-                        label=label, capsize=3)
+            ax.errorbar(
+                [max(eps, 1e-3)],
+                [np.mean(acc)],
+                yerr=[np.std(acc)],
+                fmt="o",
+                label=label,
+                capsize=3,
+            )
     if finite:
         ax.set_xscale("symlog", linthresh=0.1)
-    finish(fig, ax, "accuracy-vs-epsilon.png", "epsilon per client (total; 0 = never reads client data)")
+    finish(
+        fig,
+        ax,
+        "accuracy-vs-epsilon.png",
+        "epsilon per client (total; 0 = never reads client data)",
+    )
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, budget), group in groups.items():
         up = np.mean([_mean_bytes(r["bytes_up_per_client"]) for r in group])
         acc = [100 * r["accuracy_mean"] for r in group]
         label = method if budget is None else f"{method} B={budget}"
-        ax.errorbar([max(up, 1.0)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o", label=label,
-                    capsize=3)
+        ax.errorbar(
+            [max(up, 1.0)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o", label=label, capsize=3
+        )
     ax.set_xscale("log")
     finish(fig, ax, "accuracy-vs-bytes.png", "bytes uploaded per client (log)")
 
@@ -228,7 +277,13 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
             by_method[method].append((budget, float(np.mean(acc)), float(np.std(acc))))
         for method, points in by_method.items():
             points.sort()
-            ax.errorbar([p[0] for p in points], [p[1] for p in points],
-                        yerr=[p[2] for p in points], marker="o", label=method, capsize=3)
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                yerr=[p[2] for p in points],
+                marker="o",
+                label=method,
+                capsize=3,
+            )
         finish(fig, ax, "accuracy-vs-budget.png", "budget (selected pool samples)")
     return paths

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from ecos_flower.data import load_scenario
+from ecos_flower.flower.baselines_run import run_centralized, run_dp_fedavg, run_local
 from ecos_flower.flower.dssgd_run import run_dssgd
 from ecos_flower.flower.fedavg import run_fedavg
 from ecos_flower.flower.report import RunReport
@@ -22,6 +23,9 @@ from ecos_flower.models import set_torch_threads
 METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
     "fedavg": run_fedavg,
     "dssgd": run_dssgd,
+    "local": run_local,
+    "centralized": run_centralized,
+    "dp-fedavg": run_dp_fedavg,
     **dict.fromkeys(SAMPLING_METHODS, run_sampling),
 }
 
@@ -37,8 +41,15 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
     expected = load_scenario(config["scenario"], config["data-root"] or None).num_clients
     nodes = wait_for_nodes(grid, expected, timeout=float(config["node-wait"]))
     if len(nodes) != expected:
-        log(WARNING, "scenario %s defines %d clients but %d nodes are connected: splitting the "
-            "clients' data into %d shards", config["scenario"], expected, len(nodes), len(nodes))
+        log(
+            WARNING,
+            "scenario %s defines %d clients but %d nodes are connected: splitting the "
+            "clients' data into %d shards",
+            config["scenario"],
+            expected,
+            len(nodes),
+            len(nodes),
+        )
     config["num-clients"] = len(nodes)
     report = METHODS[method](grid, config)
     for line in report.table().splitlines():

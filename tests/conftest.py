@@ -1,4 +1,4 @@
-"""Shared fixtures: the real digit domains (skipped where ../shared is absent) and a clean FLWR_HOME."""
+"""Shared fixtures: the real digit domains (skip where ../shared is absent), a clean FLWR_HOME."""
 
 from __future__ import annotations
 

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.deployment
 def app_dir(tmp_path):
     """A copy of the Flower App (flwr run may rewrite pyproject.toml; never touch the repo's)."""
     target = tmp_path / "app"
-    shutil.copytree(PROJECT_ROOT, target, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"))
+    shutil.copytree(
+        PROJECT_ROOT,
+        target,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"
+        ),
+    )
     return target
 
 
@@ -29,25 +34,41 @@ def test_dssgd_with_dp_runs_over_grpc_with_two_supernodes(tmp_path, app_dir):
     scenario = tiny_scenario(tmp_path, num_clients=2)
     ledgers = tmp_path / "ledgers"
     node_configs = [
-        {"partition-id": i, "num-partitions": 2, "epsilon-limit": 100.0,
-         "dssgd-ledger-path": str(ledgers / f"node-{i}.json")}
+        {
+            "partition-id": i,
+            "num-partitions": 2,
+            "epsilon-limit": 100.0,
+            "dssgd-ledger-path": str(ledgers / f"node-{i}.json"),
+        }
         for i in range(2)
     ]
     out = tmp_path / "out"
     deployment = LocalDeployment(tmp_path / "deploy", node_configs)
     with deployment:
-        result = deployment.run(app_dir, {
-            "scenario": str(scenario), "method": "dssgd", "model": "paper-mlp",
-            "dssgd-epochs": 2, "dssgd-epsilon": 9.0, "gamma": 0.001, "tau": 0.0001,
-            "results-dir": str(out),
-        }, timeout=300)
+        result = deployment.run(
+            app_dir,
+            {
+                "scenario": str(scenario),
+                "method": "dssgd",
+                "model": "paper-mlp",
+                "dssgd-epochs": 2,
+                "dssgd-schedule": "parallel",
+                "dssgd-epsilon": 9.0,
+                "gamma": 0.001,
+                "tau": 0.0001,
+                "results-dir": str(out),
+            },
+            timeout=300,
+        )
         started = [p.pid for p in deployment.processes]
     assert result.returncode == 0, result.stdout + result.stderr + deployment.logs()
     (record,) = json.loads((out / "results.json").read_text())
     assert record["method"] == "dssgd"
     assert sorted(record["accuracy_per_client"]) == ["0", "1"]
     extra = record["extra"]
-    assert extra["server-rounds"] == 4 and extra["uploads-accepted"] == 4
+    # Parallel: both nodes step in each of the 2 rounds (each message starts a ClientApp process,
+    # so this keeps the test short; round-robin would take twice as many sequential rounds).
+    assert extra["server-rounds"] == 2 and extra["uploads-accepted"] == 4
     assert sorted(extra["server-accuracy-per-client"]) == ["0", "1"]
     # Each SuperNode's local model took both of its steps: its state persisted across messages.
     assert extra["local-steps-per-client"] == {"0": 2, "1": 2}
@@ -62,4 +83,6 @@ def test_dssgd_with_dp_runs_over_grpc_with_two_supernodes(tmp_path, app_dir):
     # Every process the test started (and their children) is gone.
     for pid in started:
         assert not _descendants(pid)
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.deployment
 def app_dir(tmp_path):
     """A copy of the Flower App (flwr run may rewrite pyproject.toml; never touch the repo's)."""
     target = tmp_path / "app"
-    shutil.copytree(PROJECT_ROOT, target, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"))
+    shutil.copytree(
+        PROJECT_ROOT,
+        target,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"
+        ),
+    )
     return target
 
 
@@ -28,18 +33,32 @@ def test_ecos_runs_over_grpc_with_two_supernodes_and_per_node_budgets(tmp_path, 
     scenario = tiny_scenario(tmp_path, num_clients=2)
     ledgers = tmp_path / "ledgers"
     node_configs = [
-        {"partition-id": i, "num-partitions": 2, "epsilon-limit": 3.0,
-         "ledger-path": str(ledgers / f"node-{i}.json")}
+        {
+            "partition-id": i,
+            "num-partitions": 2,
+            "epsilon-limit": 3.0,
+            "ledger-path": str(ledgers / f"node-{i}.json"),
+        }
         for i in range(2)
     ]
     out = tmp_path / "out"
     deployment = LocalDeployment(tmp_path / "deploy", node_configs)
     with deployment:
-        result = deployment.run(app_dir, {
-            "scenario": str(scenario), "method": "ecos", "extractor": "pca",
-            "pca-components": 16, "budget": 60, "num-centroids": 8, "cloud-epochs": 2,
-            "epsilon": 1.0, "results-dir": str(out),
-        }, timeout=400)
+        result = deployment.run(
+            app_dir,
+            {
+                "scenario": str(scenario),
+                "method": "ecos",
+                "extractor": "pca",
+                "pca-components": 16,
+                "budget": 60,
+                "num-centroids": 8,
+                "cloud-epochs": 2,
+                "epsilon": 1.0,
+                "results-dir": str(out),
+            },
+            timeout=400,
+        )
         started = [p.pid for p in deployment.processes]
     assert result.returncode == 0, result.stdout + result.stderr + deployment.logs()
     (record,) = json.loads((out / "results.json").read_text())
@@ -55,4 +74,6 @@ def test_ecos_runs_over_grpc_with_two_supernodes_and_per_node_budgets(tmp_path, 
     # Every process the test started (and their children) is gone.
     for pid in started:
         assert not _descendants(pid)
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )

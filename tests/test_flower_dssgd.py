@@ -34,8 +34,9 @@ def scenario(tmp_path, flwr_home):
 
 def _setup(scenario, num_nodes: int = 3, client_apps=None, node_configs=None, **overrides):
     """A strategy from the run config, an in-process grid and the client config."""
-    config = merge_run_config({"scenario": str(scenario), "num-clients": num_nodes}, DSSGD,
-                              overrides)
+    config = merge_run_config(
+        {"scenario": str(scenario), "num-clients": num_nodes}, DSSGD, overrides
+    )
     federation = load_federation(scenario, num_clients=num_nodes)
     model = seeded_model("paper-mlp", 0, federation.num_classes, 1, 8)
     strategy = make_strategy(config, flatten_params(model), federation.num_classes)
@@ -106,8 +107,9 @@ def test_the_next_step_starts_from_the_local_model_kept_in_state(scenario, monke
     np.testing.assert_array_equal(seen[3][0], expected)
     assert not np.array_equal(seen[3][0], strategy.server.params)  # theta_d < 1: not the server's
     # ... and the state now holds the model after that step.
-    np.testing.assert_array_equal(grid.contexts[first].state[STATE_PARAMS]["params"].numpy(),
-                                  seen[3][1])
+    np.testing.assert_array_equal(
+        grid.contexts[first].state[STATE_PARAMS]["params"].numpy(), seen[3][1]
+    )
     assert int(grid.contexts[first].state[STATE_INFO]["steps"]) == 2
 
 
@@ -152,8 +154,9 @@ DP = {"dssgd-epsilon": 5.0, "gamma": 0.001, "tau": 0.0001}
 
 
 @pytest.mark.parametrize(("split", "per_step"), [("published", 50 / 9), ("corrected", 5.0)])
-def test_dp_epsilon_per_participant_is_the_ledgers_basic_composition(scenario, tmp_path, split,
-                                                                    per_step):
+def test_dp_epsilon_per_participant_is_the_ledgers_basic_composition(
+    scenario, tmp_path, split, per_step
+):
     ledgers = {i: {"dssgd-ledger-path": str(tmp_path / f"ledger-{i}.json")} for i in range(3)}
     grid = InProcessGrid(client_app, 3, node_configs=ledgers)
     report, _ = run_tiny(scenario, grid=grid, **DSSGD, **DP, **{"svt-split": split})
@@ -168,8 +171,10 @@ def test_dp_epsilon_per_participant_is_the_ledgers_basic_composition(scenario, t
 
 
 def test_a_participant_refuses_a_step_beyond_its_epsilon_limit(scenario, tmp_path):
-    ledgers = {i: {"dssgd-ledger-path": str(tmp_path / f"ledger-{i}.json"), "epsilon-limit": 12.0}
-               for i in range(3)}
+    ledgers = {
+        i: {"dssgd-ledger-path": str(tmp_path / f"ledger-{i}.json"), "epsilon-limit": 12.0}
+        for i in range(3)
+    }
     grid = InProcessGrid(client_app, 3, node_configs=ledgers)
     report, _ = run_tiny(scenario, grid=grid, **{**DSSGD, **DP, "dssgd-epochs": 3})
     # Two steps cost 2 x 50/9 = 11.1; a third would reach 16.7 > 12: refused, not charged.
@@ -202,9 +207,14 @@ def _tampered(change):
 
 
 def _content(indices, values, metrics):
-    return RecordDict({"upload": ArrayRecord({"indices": Array(np.asarray(indices)),
-                                              "values": Array(np.asarray(values))}),
-                       "metrics": metrics})
+    return RecordDict(
+        {
+            "upload": ArrayRecord(
+                {"indices": Array(np.asarray(indices)), "values": Array(np.asarray(values))}
+            ),
+            "metrics": metrics,
+        }
+    )
 
 
 def _without(metrics, key):
@@ -218,24 +228,38 @@ MALFORMED = {
     "NaN": (lambda i, v, m: _content(i, np.r_[np.float32(np.nan), v[1:]], m), "finite"),
     "too many entries": (
         lambda i, v, m: _content(np.arange(len(i) + 1), np.zeros(len(i) + 1, np.float32), m),
-        "exceed the maximum"),
+        "exceed the maximum",
+    ),
     "float indices": (lambda i, v, m: _content(i.astype(np.float64), v, m), "must be integers"),
     "lengths differ": (lambda i, v, m: _content(i, v[:-1], m), "lengths must match"),
     "upload is a ConfigRecord": (
         lambda i, v, m: RecordDict({"upload": ConfigRecord({"indices": "all"}), "metrics": m}),
-        "ConfigRecord"),
+        "ConfigRecord",
+    ),
     "extra array": (
-        lambda i, v, m: RecordDict({"upload": ArrayRecord({"indices": Array(i), "values": Array(v),
-                                                           "x": Array(v)}), "metrics": m}),
-        "expected indices and values"),
-    "no metrics": (lambda i, v, m: RecordDict({"upload": ArrayRecord(
-        {"indices": Array(i), "values": Array(v)})}), "no MetricRecord 'metrics'"),
-    "no partition-id": (lambda i, v, m: _content(i, v, _without(m, "partition-id")),
-                        "no 'partition-id'"),
+        lambda i, v, m: RecordDict(
+            {
+                "upload": ArrayRecord({"indices": Array(i), "values": Array(v), "x": Array(v)}),
+                "metrics": m,
+            }
+        ),
+        "expected indices and values",
+    ),
+    "no metrics": (
+        lambda i, v, m: RecordDict(
+            {"upload": ArrayRecord({"indices": Array(i), "values": Array(v)})}
+        ),
+        "no MetricRecord 'metrics'",
+    ),
+    "no partition-id": (
+        lambda i, v, m: _content(i, v, _without(m, "partition-id")),
+        "no 'partition-id'",
+    ),
     "no train-loss": (lambda i, v, m: _content(i, v, _without(m, "train-loss")), "train-loss"),
     "stolen partition-id": (
         lambda i, v, m: _content(i, v, MetricRecord({**dict(m.items()), "partition-id": 0})),
-        "belongs to node"),
+        "belongs to node",
+    ),
     "crash": (lambda i, v, m: (_ for _ in ()).throw(RuntimeError("boom")), "ClientApp error"),
 }
 
@@ -243,8 +267,9 @@ MALFORMED = {
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_a_malformed_upload_is_rejected_naming_the_node(scenario, kind):
     change, expected = MALFORMED[kind]
-    strategy, grid, config = _setup(scenario, client_apps={1: _tampered(change)},
-                                    **{"dssgd-schedule": "parallel"})
+    strategy, grid, config = _setup(
+        scenario, client_apps={1: _tampered(change)}, **{"dssgd-schedule": "parallel"}
+    )
     reference = ParameterServer(strategy.server.params)
     _, replies = _round(strategy, grid, config, 1)
     bad = grid.node_ids[1]
@@ -269,8 +294,9 @@ def test_dp_uploads_beyond_gamma_or_without_privacy_cost_are_rejected(scenario):
         return _content(i, v, MetricRecord({**dict(m.items()), "epsilon-epoch": 0.0}))
 
     for change, expected in ((too_large, "outside the clip bound"), (free, "no privacy cost")):
-        strategy, grid, config = _setup(scenario, client_apps={2: _tampered(change)}, **DP,
-                                        **{"dssgd-schedule": "parallel"})
+        strategy, grid, config = _setup(
+            scenario, client_apps={2: _tampered(change)}, **DP, **{"dssgd-schedule": "parallel"}
+        )
         _round(strategy, grid, config, 1)
         assert [e.node_id for e in strategy.rejected] == [grid.node_ids[2]]
         assert expected in str(strategy.rejected[0]) and strategy.accepted == 2
@@ -320,8 +346,9 @@ def _download(indices, values):
         (None, None, "dtype", "expected int64/float32"),
     ],
 )
-def test_the_participant_refuses_absurd_tasks_before_any_work(scenario, field, value, download,
-                                                               reason, tmp_path):
+def test_the_participant_refuses_absurd_tasks_before_any_work(
+    scenario, field, value, download, reason, tmp_path
+):
     strategy, grid, config = _setup(scenario, 1)
     n = strategy.server.num_params
     payload = None

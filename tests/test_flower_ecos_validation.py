@@ -41,16 +41,23 @@ MALFORMED = {
     "integer dtype": (lambda m: _reply(m, np.ones(K, dtype=np.int64), _good_metrics()), "dtype"),
     "2-d scores": (lambda m: _reply(m, np.ones((K, 1)), _good_metrics()), "shape"),
     "strings for scores": (
-        lambda m: _reply(m, None, _good_metrics(),
-                         {"scores": ConfigRecord({"0": "many"})}), "ConfigRecord"),
+        lambda m: _reply(m, None, _good_metrics(), {"scores": ConfigRecord({"0": "many"})}),
+        "ConfigRecord",
+    ),
     "no scores": (lambda m: _reply(m, None, _good_metrics()), "no ArrayRecord 'scores'"),
     "two arrays": (
-        lambda m: _reply(m, None, _good_metrics(),
-                         {"scores": ArrayRecord([np.ones(K), np.ones(K)])}), "holds 2 arrays"),
+        lambda m: _reply(
+            m, None, _good_metrics(), {"scores": ArrayRecord([np.ones(K), np.ones(K)])}
+        ),
+        "holds 2 arrays",
+    ),
     "claims no noise": (lambda m: _reply(m, np.ones(K), _good_metrics(sigma=0.0)), "sigma=0"),
     "negative partition": (
-        lambda m: _reply(m, np.ones(K), MetricRecord({"partition-id": -4, "sigma": 1.0,
-                                                      "epsilon-spent": 1.0})), "partition-id"),
+        lambda m: _reply(
+            m, np.ones(K), MetricRecord({"partition-id": -4, "sigma": 1.0, "epsilon-spent": 1.0})
+        ),
+        "partition-id",
+    ),
     "crash": (lambda m: (_ for _ in ()).throw(RuntimeError("boom")), "ClientApp error"),
 }
 
@@ -71,8 +78,9 @@ def _round(setup, client_apps, monkeypatch, tmp_path):
     config, extractor, compression = setup
     grid = InProcessGrid(client_app, 3, client_apps=client_apps)
     strategy = EcosStrategy(epsilon=1.0, delta=1e-5, threshold_multiple=0.0)
-    messages = strategy.configure_query(1, compression.centroids, extractor,
-                                        client_config(config), grid)
+    messages = strategy.configure_query(
+        1, compression.centroids, extractor, client_config(config), grid
+    )
     replies = grid.send_and_receive(messages)
     return strategy, grid, replies
 
@@ -120,14 +128,16 @@ def test_a_second_answer_from_the_same_node_is_dropped(setup, monkeypatch, tmp_p
         ("score-mode", "psychic", "unknown score-mode"),
     ],
 )
-def test_the_client_refuses_absurd_queries_before_any_work(setup, field, value, reason,
-                                                           monkeypatch, tmp_path):
+def test_the_client_refuses_absurd_queries_before_any_work(
+    setup, field, value, reason, monkeypatch, tmp_path
+):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     config, extractor, compression = setup
     grid = InProcessGrid(client_app, 1)
     strategy = EcosStrategy()
-    (message,) = strategy.configure_query(1, compression.centroids, extractor,
-                                          client_config(config), grid)
+    (message,) = strategy.configure_query(
+        1, compression.centroids, extractor, client_config(config), grid
+    )
     message.content["ecos"][field] = value
     from ecos_flower.flower.inprocess import set_server_identity
 

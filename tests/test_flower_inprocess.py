@@ -56,14 +56,16 @@ def test_ecos_flow_spends_the_requested_epsilon_and_uploads_k_numbers(scenario):
 
 
 def test_ecos_client_keeps_its_ledger_in_state_dir_and_refuses_beyond_its_limit(scenario, tmp_path):
-    ledgers = {i: {"ledger-path": str(tmp_path / f"ledger-{i}.json"), "epsilon-limit": 1.2}
-               for i in range(3)}
+    ledgers = {
+        i: {"ledger-path": str(tmp_path / f"ledger-{i}.json"), "epsilon-limit": 1.2}
+        for i in range(3)
+    }
     grid = InProcessGrid(client_app, 3, node_configs=ledgers)
     first, _ = run_tiny(scenario, grid=grid, method="ecos", epsilon=1.0)
     assert len(first.epsilon_per_client) == 3
     stored = json.loads((tmp_path / "ledger-0.json").read_text())
     assert len(stored["releases"]) == 1
-    # A second query at epsilon 1 would compose to about 1.46 > 1.2: every client refuses, with its reason.
+    # A second query at epsilon 1 would compose to about 1.46 > 1.2: every client refuses.
     fresh_grid = InProcessGrid(client_app, 3, node_configs=ledgers)
     with pytest.raises(RuntimeError, match="no client answered"):
         run_tiny(scenario, grid=fresh_grid, method="ecos", epsilon=1.0)

@@ -8,7 +8,6 @@ with every other pool domain. Everything is deterministic by the scenario seed.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,1 +1,1 @@
-"""Flower glue: run settings, metered grids, the in-process harness and the per-method server loops."""
+"""Flower glue: settings, metered grids, the in-process harness and the per-method server loops."""

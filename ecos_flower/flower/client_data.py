@@ -1,4 +1,4 @@
-"""What a ClientApp needs to find its own data: the scenario, its partition id, and checks on both."""
+"""How a ClientApp finds its own data: the scenario, its partition id, and checks on both."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> C
     num_clients = int(config["num-clients"]) if "num-clients" in config else None
     federation = load_federation(scenario, data_root=data_root, num_clients=num_clients)
     if "partition-id" not in node_config:
-        raise ValueError("node config has no `partition-id`: start the SuperNode with "
-                         "--node-config 'partition-id=N num-partitions=M'")
+        raise ValueError(
+            "node config has no `partition-id`: start the SuperNode with "
+            "--node-config 'partition-id=N num-partitions=M'"
+        )
     partition_id = int(node_config["partition-id"])
     num_clients = len(federation.clients)
     num_partitions = int(node_config.get("num-partitions", num_clients))

@@ -119,7 +119,7 @@ def check_task(task: ConfigRecord, node_config: dict[str, Any]) -> None:
 
 def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
     """The server's download (indices int64, values float32), checked against the task's sizes."""
-    record = msg.content["download"] if "download" in msg.content else None
+    record = msg.content.get("download")
     if not isinstance(record, ArrayRecord):
         raise TaskRejected("task has no ArrayRecord 'download'")
     if sorted(record.keys()) != ["indices", "values"]:
@@ -213,7 +213,7 @@ def save_local_model(context: Context, model: nn.Module, steps: int, name: str) 
 
 def handle_dssgd_train(msg: Message, context: Context) -> Message:
     """One participant step (`train.dssgd`): download, one local epoch, select, upload."""
-    task = msg.content["dssgd"] if "dssgd" in msg.content else None
+    task = msg.content.get("dssgd")
     if not isinstance(task, ConfigRecord):
         return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
     try:
@@ -299,13 +299,13 @@ def handle_dssgd_train(msg: Message, context: Context) -> Message:
 
 def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
     """Score both the local model and the server's global model on this node's test split."""
-    task = msg.content["dssgd"] if "dssgd" in msg.content else None
+    task = msg.content.get("dssgd")
     if not isinstance(task, ConfigRecord):
         return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
     try:
         num_params = _integer(task, "num-params", 1, _limit(context.node_config, "max-params"))
         _integer(task, "num-classes", 2, _limit(context.node_config, "max-classes"))
-        record = msg.content["global"] if "global" in msg.content else None
+        record = msg.content.get("global")
         if not isinstance(record, ArrayRecord) or list(record.keys()) != ["params"]:
             raise TaskRejected("task has no ArrayRecord 'global' holding 'params'")
         if tuple(record["params"].shape) != (num_params,):

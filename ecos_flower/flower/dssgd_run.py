@@ -71,17 +71,24 @@ def make_strategy(config: dict[str, Any], initial: np.ndarray, num_classes: int)
     )
 
 
-def _evaluate(strategy: DSSGDStrategy, grid: MeteredGrid, server_round: int,
-              config: dict[str, Any]) -> dict[str, float] | None:
-    messages = strategy.configure_evaluate(server_round, strategy.global_arrays(),
-                                           client_config(config), grid)
+def _evaluate(
+    strategy: DSSGDStrategy, grid: MeteredGrid, server_round: int, config: dict[str, Any]
+) -> dict[str, float] | None:
+    messages = strategy.configure_evaluate(
+        server_round, strategy.global_arrays(), client_config(config), grid
+    )
     replies = grid.send_and_receive(messages, timeout=float(config["timeout"]))
     result = strategy.aggregate_evaluate(server_round, replies)
     if result is None:
         return None
     point = {"round": server_round, **{k: float(v) for k, v in result.items()}}
-    log(INFO, "round %d: local accuracy %.4f, server-model accuracy %.4f", server_round,
-        point["accuracy"], point["server-accuracy"])
+    log(
+        INFO,
+        "round %d: local accuracy %.4f, server-model accuracy %.4f",
+        server_round,
+        point["accuracy"],
+        point["server-accuracy"],
+    )
     return point
 
 
@@ -90,20 +97,34 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
     accuracy, epsilon per participant (pure DP ledger totals) and bytes."""
     start, timer = time.time(), PhaseTimer()
     seed = int(config["seed"])
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None,
-                                 num_clients=config.get("num-clients"))
+    federation = load_federation(
+        config["scenario"],
+        data_root=config["data-root"] or None,
+        num_clients=config.get("num-clients"),
+    )
     scenario = federation.scenario
     metered = MeteredGrid(grid)
     nodes = sorted(grid.get_node_ids())
     with timer("init"):
-        model = seeded_model(str(config["model"]), seed, federation.num_classes,
-                             scenario.channels, scenario.image_size)
+        model = seeded_model(
+            str(config["model"]),
+            seed,
+            federation.num_classes,
+            scenario.channels,
+            scenario.image_size,
+        )
         strategy = make_strategy(config, flatten_params(model), federation.num_classes)
     strategy.summary()
     num_rounds = strategy.num_rounds(int(config["dssgd-epochs"]), len(nodes))
     evaluate_every = int(config["evaluate-every"])
-    log(INFO, "DSSGD: %d participants, %d server rounds (%d local epochs each, %s)", len(nodes),
-        num_rounds, int(config["dssgd-epochs"]), strategy.schedule_name)
+    log(
+        INFO,
+        "DSSGD: %d participants, %d server rounds (%d local epochs each, %s)",
+        len(nodes),
+        num_rounds,
+        int(config["dssgd-epochs"]),
+        strategy.schedule_name,
+    )
     train_config = client_config(config)
     round_bytes: dict[int, list[tuple[int, int]]] = {}
     history: list[dict[str, float]] = []
@@ -117,13 +138,22 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
         for msg in messages:
             node = msg.metadata.dst_node_id
             round_bytes.setdefault(node, []).append(
-                (metered.bytes_up.get(node, 0) - up.get(node, 0),
-                 metered.bytes_down.get(node, 0) - down.get(node, 0)))
+                (
+                    metered.bytes_up.get(node, 0) - up.get(node, 0),
+                    metered.bytes_down.get(node, 0) - down.get(node, 0),
+                )
+            )
         train_s += time.perf_counter() - tick
         if server_round % max(1, num_rounds // 10) == 0:
-            log(INFO, "[train] round %d/%d: %d uploads applied, %d rejected, %d refused",
-                server_round, num_rounds, strategy.accepted, len(strategy.rejected),
-                len(strategy.refused))
+            log(
+                INFO,
+                "[train] round %d/%d: %d uploads applied, %d rejected, %d refused",
+                server_round,
+                num_rounds,
+                strategy.accepted,
+                len(strategy.rejected),
+                len(strategy.refused),
+            )
         if evaluate_every > 0 and server_round % evaluate_every == 0 and server_round < num_rounds:
             with timer("evaluate"):
                 point = _evaluate(strategy, metered, server_round, config)
@@ -152,9 +182,11 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
     for node, sizes in round_bytes.items():
         client = strategy.node_to_client.get(node)
         if client is not None and sizes:
-            per_round[client] = {"rounds": len(sizes),
-                                 "up": float(np.mean([u for u, _ in sizes])),
-                                 "down": float(np.mean([d for _, d in sizes]))}
+            per_round[client] = {
+                "rounds": len(sizes),
+                "up": float(np.mean([u for u, _ in sizes])),
+                "down": float(np.mean([d for _, d in sizes])),
+            }
     report.extra = {
         "server-accuracy-per-client": dict(sorted(strategy.server_accuracy.items())),
         "server-accuracy": float(np.mean(list(strategy.server_accuracy.values()))),

@@ -121,7 +121,9 @@ class DSSGDStrategy(Strategy):
         """What one SVT upload costs (published split: 10/9 of dp_epsilon); 0 without DP."""
         if self.dp_epsilon is None or self.gamma is None:
             return 0.0
-        return svt_scales(self.dp_epsilon, self.max_upload, self.gamma, self.svt_split).epsilon_spent
+        return svt_scales(
+            self.dp_epsilon, self.max_upload, self.gamma, self.svt_split
+        ).epsilon_spent
 
     def summary(self) -> None:
         privacy = (
@@ -131,11 +133,21 @@ class DSSGDStrategy(Strategy):
             else "none"
         )
         log(INFO, "\t├── DSSGD schedule: %s", self.schedule_name)
-        log(INFO, "\t├── theta_u=%g (%d of %d parameters up, mode %s), theta_d=%g",
-            self.theta_u, self.max_upload, self.server.num_params, self.upload_mode,
-            self.theta_d)
-        log(INFO, "\t├── gamma=%s, tau=%g", "none" if self.gamma is None else f"{self.gamma:g}",
-            self.tau)
+        log(
+            INFO,
+            "\t├── theta_u=%g (%d of %d parameters up, mode %s), theta_d=%g",
+            self.theta_u,
+            self.max_upload,
+            self.server.num_params,
+            self.upload_mode,
+            self.theta_d,
+        )
+        log(
+            INFO,
+            "\t├── gamma=%s, tau=%g",
+            "none" if self.gamma is None else f"{self.gamma:g}",
+            self.tau,
+        )
         log(INFO, "\t└── Privacy: %s", privacy)
 
     def num_rounds(self, epochs: int, num_nodes: int) -> int:
@@ -216,7 +228,9 @@ class DSSGDStrategy(Strategy):
         for reply in kept:
             node = reply.metadata.src_node_id
             if node not in self._scheduled:
-                self._reject_all([InvalidReplyError(node, f"not scheduled in round {server_round}")])
+                self._reject_all(
+                    [InvalidReplyError(node, f"not scheduled in round {server_round}")]
+                )
                 continue
             self._scheduled.discard(node)  # one upload per node and round
             reason = refusal(reply)
@@ -280,7 +294,9 @@ class DSSGDStrategy(Strategy):
             "epsilon-epoch": metric(reply, "epsilon-epoch", low=0.0),
         }
         if self.private and found["epsilon-epoch"] <= 0:
-            raise InvalidReplyError(node, "reply claims no privacy cost (epsilon-epoch=0) in a DP run")
+            raise InvalidReplyError(
+                node, "reply claims no privacy cost (epsilon-epoch=0) in a DP run"
+            )
         return update, client, found
 
     def _client_of(self, reply: Message) -> int:
@@ -315,9 +331,7 @@ class DSSGDStrategy(Strategy):
         flat array "params"; empty: the ParameterServer's current parameters)."""
         if len(arrays) == 0:
             arrays = self.global_arrays()
-        task = ConfigRecord(
-            {"num-params": self.server.num_params, "num-classes": self.num_classes}
-        )
+        task = ConfigRecord({"num-params": self.server.num_params, "num-classes": self.num_classes})
         content = RecordDict({"global": arrays, "dssgd": task, "config": config})
         return [
             Message(content, node, "evaluate.dssgd", group_id=str(server_round))

@@ -61,8 +61,9 @@ def ledger_for(context: Context, query: ConfigRecord) -> PrivacyLedger:
     """This node's ledger: node config `ledger-path` (persists across runs) or a per-run file."""
     node_config = context.node_config
     delta = float(node_config.get("delta", query.get("delta", 1e-5)))
-    limit = float(node_config.get("epsilon-limit", query.get("client-epsilon-limit",
-                                                              DEFAULT_EPSILON_LIMIT)))
+    limit = float(
+        node_config.get("epsilon-limit", query.get("client-epsilon-limit", DEFAULT_EPSILON_LIMIT))
+    )
     path = node_config.get("ledger-path")
     if not path:
         base = Path(os.environ.get("FLWR_HOME", tempfile.gettempdir())) / "ecos-ledgers"
@@ -82,8 +83,11 @@ def _extractor(msg: Message, context: Context, query: ConfigRecord):  # noqa: AN
             raise QueryRejected(f"extractor has {total} parameters, above the node's limit")
         context.state[EXTRACTOR_STATE_KEY] = record
         context.state[EXTRACTOR_STATE_KEY + "-config"] = ConfigRecord(
-            {"hash": digest, "kind": str(query["extractor-kind"]),
-             "config": str(query["extractor-config"])}
+            {
+                "hash": digest,
+                "kind": str(query["extractor-kind"]),
+                "config": str(query["extractor-config"]),
+            }
         )
     saved = context.state.get(EXTRACTOR_STATE_KEY + "-config")
     if saved is None or saved["hash"] != digest:
@@ -107,8 +111,9 @@ def handle_ecos_query(msg: Message, context: Context) -> Message:
     mode = str(query.get("score-mode", "nearest"))
     max_per_sample = int(query.get("max-per-sample", 1))
     radius = float(query["radius"]) if "radius" in query else None
-    scores = coverage_scores(features, centroids, mode=mode, radius=radius,
-                             max_per_sample=max_per_sample)
+    scores = coverage_scores(
+        features, centroids, mode=mode, radius=radius, max_per_sample=max_per_sample
+    )
     sensitivity = score_sensitivity(mode, max_per_sample)
     metrics: dict[str, float | int] = {
         "num-examples": len(shard.train),
@@ -125,14 +130,22 @@ def handle_ecos_query(msg: Message, context: Context) -> Message:
             return _refusal(msg, str(exc))
         seed = int.from_bytes(os.urandom(8), "little")  # fresh noise: never reproducible by seed
         scores = scores + np.random.default_rng(seed).normal(0.0, sigma, size=scores.shape)
-        metrics.update({"sigma": sigma, "epsilon-spent": spent, "delta": ledger.delta,
-                        "epsilon-limit": ledger.epsilon_limit})
+        metrics.update(
+            {
+                "sigma": sigma,
+                "epsilon-spent": spent,
+                "delta": ledger.delta,
+                "epsilon-limit": ledger.epsilon_limit,
+            }
+        )
     else:
         metrics["sigma"] = 0.0  # oracle query: exact counts, no privacy (epsilon infinite)
-    content = RecordDict({
-        "scores": ArrayRecord([scores.astype(np.float64)]),
-        "metrics": MetricRecord(metrics),
-    })
+    content = RecordDict(
+        {
+            "scores": ArrayRecord([scores.astype(np.float64)]),
+            "metrics": MetricRecord(metrics),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -70,10 +70,17 @@ class EcosStrategy(Strategy):
         self._extractor_sent: set[int] = set()
 
     def summary(self) -> None:
-        noise = (f"Gaussian, epsilon={self.epsilon:g}, delta={self.delta:g} per query"
-                 if self.noise else "none (oracle)")
-        log(INFO, "\t├── ECOS score mode: %s (max per sample %d)", self.score_mode,
-            self.max_per_sample)
+        noise = (
+            f"Gaussian, epsilon={self.epsilon:g}, delta={self.delta:g} per query"
+            if self.noise
+            else "none (oracle)"
+        )
+        log(
+            INFO,
+            "\t├── ECOS score mode: %s (max per sample %d)",
+            self.score_mode,
+            self.max_per_sample,
+        )
         log(INFO, "\t├── Noise: %s", noise)
         log(INFO, "\t└── Noise-aware threshold: %g x aggregate noise std", self.threshold_multiple)
 
@@ -108,18 +115,21 @@ class EcosStrategy(Strategy):
         weights = ArrayRecord({k: _array(v) for k, v in extractor.to_arrays().items()})
         messages = []
         for node_id in grid.get_node_ids():
-            content = RecordDict({
-                "centroids": centroid_record,
-                "ecos": ConfigRecord(query),
-                "config": client_config,
-            })
+            content = RecordDict(
+                {
+                    "centroids": centroid_record,
+                    "ecos": ConfigRecord(query),
+                    "config": client_config,
+                }
+            )
             if node_id not in self._extractor_sent:
                 content["extractor"] = weights
             messages.append(Message(content, node_id, "query.ecos", group_id=str(server_round)))
         return messages
 
-    def aggregate_query(self, server_round: int, replies: Iterable[Message], num_centroids: int
-                        ) -> np.ndarray | None:
+    def aggregate_query(
+        self, server_round: int, replies: Iterable[Message], num_centroids: int
+    ) -> np.ndarray | None:
         """Validate every reply, keep the good ones, and return the aggregated (thresholded)
         scores, or None if no client answered validly."""
         kept, duplicates = first_reply_per_node(replies)
@@ -137,7 +147,9 @@ class EcosStrategy(Strategy):
                 sigma = metric(reply, "sigma", low=0.0)
                 spent = metric(reply, "epsilon-spent", low=0.0) if self.noise else math.inf
                 if self.noise and sigma <= 0:
-                    raise InvalidReplyError(node, "reply claims no noise (sigma=0) in a private query")
+                    raise InvalidReplyError(
+                        node, "reply claims no noise (sigma=0) in a private query"
+                    )
                 if node in self.accepted_scores:
                     raise InvalidReplyError(node, "already answered this query")
             except InvalidReplyError as exc:
@@ -168,11 +180,14 @@ class EcosStrategy(Strategy):
     ) -> Iterable[Message]:
         """Every node scores the cloud-trained model on its own test split."""
         content = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content, node, "evaluate", group_id=str(server_round))
-                for node in grid.get_node_ids()]
+        return [
+            Message(content, node, "evaluate", group_id=str(server_round))
+            for node in grid.get_node_ids()
+        ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Record each node's accuracy (validated: a number in [0, 1]); return the mean."""
         kept, duplicates = first_reply_per_node(replies)
         self._reject_all(duplicates)

@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from ecos_flower.data import load_federation
@@ -20,20 +20,26 @@ from ecos_flower.models import build_model
 
 
 class RecordingFedAvg(FedAvg):
-    """FedAvg that also keeps each node's last evaluation metrics (Flower keeps only the average)."""
+    """FedAvg that keeps each node's last evaluation metrics (Flower keeps only the average)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.last_evaluation: dict[int, MetricRecord] = {}
         self.errors: dict[int, str] = {}
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         replies = list(replies)
         for reply in replies:
             if reply.has_error():
                 self.errors[reply.metadata.src_node_id] = str(reply.error.reason)
-                log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id,
-                    reply.error.reason)
+                log(
+                    WARNING,
+                    "node %s failed to evaluate: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             self.last_evaluation[reply.metadata.src_node_id] = reply.content["metrics"]
         return super().aggregate_evaluate(server_round, replies)
@@ -41,10 +47,6 @@ class RecordingFedAvg(FedAvg):
 
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Run FedAvg for `num-server-rounds` rounds and report per-client test accuracy and bytes."""
-    start = time.time()
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None,
-                                 num_clients=config.get("num-clients"))
-    metered = MeteredGrid(grid)
     num_nodes = len(list(grid.get_node_ids()))
     strategy = RecordingFedAvg(
         fraction_train=float(config["fraction-train"]),
@@ -52,9 +54,24 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
         min_evaluate_nodes=num_nodes,
         min_available_nodes=num_nodes,
     )
+    return run_fedavg_with(grid, config, strategy, strategy, method="fedavg")
+
+
+def run_fedavg_with(
+    grid: Grid, config: dict[str, Any], strategy: Strategy, recorder: RecordingFedAvg, method: str
+) -> RunReport:
+    """Start `strategy` (FedAvg, or a wrapper around `recorder`) and report what `recorder` saw."""
+    start = time.time()
+    federation = load_federation(
+        config["scenario"],
+        data_root=config["data-root"] or None,
+        num_clients=config.get("num-clients"),
+    )
+    metered = MeteredGrid(grid)
     images = federation.pool.images
-    model = build_model(str(config["model"]), federation.num_classes, images.shape[1],
-                        images.shape[-1])
+    model = build_model(
+        str(config["model"]), federation.num_classes, images.shape[1], images.shape[-1]
+    )
     strategy.start(
         grid=metered,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -62,17 +79,26 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
         train_config=client_config(config),
         evaluate_config=client_config(config),
     )
-    if not strategy.last_evaluation:
-        raise RuntimeError(no_results_message(strategy.errors))
-    report = RunReport(method="fedavg", seed=int(config["seed"]), scenario=str(config["scenario"]))
+    if not recorder.last_evaluation:
+        raise RuntimeError(no_results_message(recorder.errors))
+    report = RunReport(method=method, seed=int(config["seed"]), scenario=str(config["scenario"]))
     node_to_client = {}
-    for node_id, metrics in strategy.last_evaluation.items():
+    for node_id, metrics in recorder.last_evaluation.items():
         client = int(metrics["partition-id"])
         node_to_client[node_id] = client
         report.accuracy_per_client[client] = float(metrics["accuracy"])
     report.add_traffic(metered, node_to_client)
     report.wall_s = time.time() - start
     report.phase_seconds["federated-training"] = report.wall_s
-    report.settings = {k: config[k] for k in ("num-server-rounds", "local-epochs", "batch-size",
-                                              "learning-rate", "model", "fraction-train")}
+    report.settings = {
+        k: config[k]
+        for k in (
+            "num-server-rounds",
+            "local-epochs",
+            "batch-size",
+            "learning-rate",
+            "model",
+            "fraction-train",
+        )
+    }
     return report

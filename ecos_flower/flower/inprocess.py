@@ -1,4 +1,4 @@
-"""An in-process Grid: drives a ServerApp and ClientApps as plain callables, without Ray or a SuperLink.
+"""An in-process Grid: drives a ServerApp and ClientApps as plain callables (no Ray, no SuperLink).
 
 Every message and reply makes a real serialisation round trip (deflate/inflate, as on the wire),
 so a payload that Flower cannot carry fails here too. Message flows test in milliseconds.

@@ -6,6 +6,7 @@ Used by the deployment tests and benchmarks; also a worked example of the comman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -50,8 +51,9 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}; log {log}:\n"
-                               f"{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"process exited with {process.returncode}; log {log}:\n{log.read_text()[-3000:]}"
+            )
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -80,27 +82,35 @@ class LocalDeployment:
         self.fleet_port = free_port()
         bindir = Path(sys.executable).parent
         self.env = dict(os.environ)
-        self.env.update({
-            "HOME": str(self.home),
-            "FLWR_HOME": str(self.home / ".flwr"),
-            # Flower starts its SuperExec helpers by name: they must be on PATH.
-            "PATH": f"{bindir}{os.pathsep}{self.env.get('PATH', '')}",
-        })
+        self.env.update(
+            {
+                "HOME": str(self.home),
+                "FLWR_HOME": str(self.home / ".flwr"),
+                # Flower starts its SuperExec helpers by name: they must be on PATH.
+                "PATH": f"{bindir}{os.pathsep}{self.env.get('PATH', '')}",
+            }
+        )
 
     def _tls_args(self, role: str) -> list[str]:
         if self.certificates is None:
             return ["--insecure"]
         if role == "superlink":
-            return ["--ssl-ca-certfile", str(self.certificates["ca"]),
-                    "--ssl-certfile", str(self.certificates["server-cert"]),
-                    "--ssl-keyfile", str(self.certificates["server-key"])]
+            return [
+                "--ssl-ca-certfile",
+                str(self.certificates["ca"]),
+                "--ssl-certfile",
+                str(self.certificates["server-cert"]),
+                "--ssl-keyfile",
+                str(self.certificates["server-key"]),
+            ]
         return ["--root-certificates", str(self.certificates["ca"])]
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
         handle = log.open("w")
-        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
-                                   cwd=self.workdir)
+        process = subprocess.Popen(
+            args, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir
+        )
         process.log_path = log  # type: ignore[attr-defined]
         self.processes.append(process)
         return process
@@ -110,23 +120,36 @@ class LocalDeployment:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / ".flwr").mkdir(exist_ok=True)
         bindir = Path(sys.executable).parent
-        superlink = self._spawn("superlink", [
-            str(bindir / "flower-superlink"), *self._tls_args("superlink"),
-            "--port", str(self.control_port),
-            "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
-            # The app runs in this environment: no per-run dependency installation.
-            "--disable-runtime-dependency-installation",
-        ])
+        superlink = self._spawn(
+            "superlink",
+            [
+                str(bindir / "flower-superlink"),
+                *self._tls_args("superlink"),
+                "--port",
+                str(self.control_port),
+                "--fleet-api-address",
+                f"127.0.0.1:{self.fleet_port}",
+                # The app runs in this environment: no per-run dependency installation.
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         for port in (self.control_port, self.fleet_port):
             _wait_for_port(port, superlink, superlink.log_path, self.startup_timeout)
         for index, node_config in enumerate(self.node_configs):
             config_text = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
-            self._spawn(f"supernode-{index}", [
-                str(bindir / "flower-supernode"), *self._tls_args("supernode"),
-                "--superlink", f"127.0.0.1:{self.fleet_port}",
-                "--port", str(free_port()),
-                "--node-config", config_text,
-            ])
+            self._spawn(
+                f"supernode-{index}",
+                [
+                    str(bindir / "flower-supernode"),
+                    *self._tls_args("supernode"),
+                    "--superlink",
+                    f"127.0.0.1:{self.fleet_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    config_text,
+                ],
+            )
         self._write_connection()
         return self
 
@@ -139,21 +162,34 @@ class LocalDeployment:
         config = {"superlink": {"default": "local-grpc", "local-grpc": connection}}
         (self.home / ".flwr" / "config.toml").write_text(tomli_w.dumps(config))
 
-    def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600.0
-            ) -> subprocess.CompletedProcess:
+    def run(
+        self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600.0
+    ) -> subprocess.CompletedProcess:
         """`flwr run APP_DIR local-grpc --run-config ... --stream`, waiting for the run to end."""
         bindir = Path(sys.executable).parent
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         return subprocess.run(
-            [str(bindir / "flwr"), "run", str(app_dir), "local-grpc", "--run-config", overrides,
-             "--stream"],
-            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
+            [
+                str(bindir / "flwr"),
+                "run",
+                str(app_dir),
+                "local-grpc",
+                "--run-config",
+                overrides,
+                "--stream",
+            ],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def logs(self) -> str:
         """Every process log, for assertion messages."""
-        return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-4000:]}"
-                         for p in self.processes)
+        return "\n".join(
+            f"--- {p.log_path.name}\n{p.log_path.read_text()[-4000:]}" for p in self.processes
+        )
 
     def stop(self) -> None:
         """Terminate the started processes and everything they started (SuperExec, app
@@ -166,17 +202,13 @@ class LocalDeployment:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for process in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
         for pid in targets:
             _signal(pid, signal.SIGKILL)
         for process in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -190,10 +222,8 @@ class LocalDeployment:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _toml_value(value: Any) -> str:

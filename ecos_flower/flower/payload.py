@@ -1,4 +1,4 @@
-"""Bytes on the wire, measured from the real Flower messages, and a Grid wrapper that meters them."""
+"""Bytes on the wire, measured from the real Flower messages; a Grid wrapper that meters them."""
 
 from __future__ import annotations
 

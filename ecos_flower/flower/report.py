@@ -1,4 +1,4 @@
-"""A run's report: per-client accuracy, privacy and bytes, printed as a table and written as JSON."""
+"""A run's report: per-client accuracy, privacy and bytes, as a printed table and as JSON."""
 
 from __future__ import annotations
 
@@ -51,14 +51,21 @@ class RunReport:
         record = asdict(self)
         record["accuracy_mean"] = self.accuracy_mean
         record["epsilon"] = self.epsilon
-        for key in ("accuracy_per_client", "epsilon_per_client", "bytes_up_per_client",
-                    "bytes_down_per_client", "client_compute_s"):
+        for key in (
+            "accuracy_per_client",
+            "epsilon_per_client",
+            "bytes_up_per_client",
+            "bytes_down_per_client",
+            "client_compute_s",
+        ):
             record[key] = {str(k): v for k, v in sorted(record[key].items())}
         return _json_safe(record)
 
     def table(self) -> str:
         """Per-client lines: accuracy, epsilon, bytes up and down."""
-        lines = [f"{'client':>6}  {'accuracy':>8}  {'epsilon':>8}  {'bytes up':>12}  {'bytes down':>12}"]
+        lines = [
+            f"{'client':>6}  {'accuracy':>8}  {'epsilon':>8}  {'bytes up':>12}  {'bytes down':>12}"
+        ]
         for client in sorted(self.accuracy_per_client):
             eps = self.epsilon_per_client.get(client, math.inf)
             lines.append(
@@ -66,7 +73,9 @@ class RunReport:
                 f"{self.bytes_up_per_client.get(client, 0):>12,}  "
                 f"{self.bytes_down_per_client.get(client, 0):>12,}"
             )
-        eps_text = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3f} (delta={self.delta:g})"
+        eps_text = (
+            "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3f} (delta={self.delta:g})"
+        )
         lines.append(
             f"{self.method}: mean accuracy {self.accuracy_mean:.4f} over "
             f"{len(self.accuracy_per_client)} clients; epsilon per client {eps_text}; "
@@ -98,6 +107,8 @@ def no_results_message(errors: dict[int, str]) -> str:
     """Why a run produced no client result: the first client errors, so the user sees the cause."""
     if not errors:
         return "no client returned an evaluation result"
-    first = "; ".join(f"node {node}: {reason.strip().splitlines()[-1] if reason.strip() else '?'}"
-                      for node, reason in list(errors.items())[:3])
+    first = "; ".join(
+        f"node {node}: {reason.strip().splitlines()[-1] if reason.strip() else '?'}"
+        for node, reason in list(errors.items())[:3]
+    )
     return f"no client returned an evaluation result ({len(errors)} failed): {first}"

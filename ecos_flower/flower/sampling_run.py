@@ -58,15 +58,18 @@ def build_extractor(config: dict[str, Any], federation: Federation):  # noqa: AN
     kind = str(config["extractor"])
     seed, device = int(config["seed"]), str(config["device"])
     if kind == "supervised":
-        extractor = make_extractor(kind, epochs=int(config["extractor-epochs"]), seed=seed,
-                                   device=device)
+        extractor = make_extractor(
+            kind, epochs=int(config["extractor-epochs"]), seed=seed, device=device
+        )
     elif kind == "random":
         extractor = make_extractor(kind, seed=seed, device=device)
     elif kind == "pca":
         extractor = make_extractor(kind, n_components=int(config["pca-components"]), seed=seed)
     else:
-        raise ValueError(f"extractor {kind!r} is not available from the run config; "
-                         "choose supervised, random or pca")
+        raise ValueError(
+            f"extractor {kind!r} is not available from the run config; "
+            "choose supervised, random or pca"
+        )
     pool = federation.pool
     return extractor.fit(pool.images, pool.labels)
 
@@ -78,8 +81,11 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         raise ValueError(f"{method!r} is not a sampling method ({', '.join(SAMPLING_METHODS)})")
     start, timer = time.time(), PhaseTimer()
     seed, budget = int(config["seed"]), int(config["budget"])
-    federation = load_federation(config["scenario"], data_root=config["data-root"] or None,
-                                 num_clients=config.get("num-clients"))
+    federation = load_federation(
+        config["scenario"],
+        data_root=config["data-root"] or None,
+        num_clients=config.get("num-clients"),
+    )
     pool = federation.pool
     metered = MeteredGrid(grid)
     strategy = EcosStrategy(
@@ -105,17 +111,22 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         with timer("compress"):
             compression = compress(features, k, seed=seed)
         with timer("query"):
-            messages = strategy.configure_query(1, compression.centroids, extractor,
-                                                client_config(config), metered)
+            messages = strategy.configure_query(
+                1, compression.centroids, extractor, client_config(config), metered
+            )
             replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
             aggregated = strategy.aggregate_query(1, replies, k)
         if aggregated is None:
             raise RuntimeError("no client answered the ECOS query validly; see the log")
         sampler = EcosSampler(features, compression, aggregated, seed=seed)
-        extra.update({"answered": len(strategy.accepted_scores),
-                      "rejected": [str(e) for e in strategy.rejected],
-                      "refused": {str(k): v for k, v in strategy.refused.items()},
-                      "extractor-bytes": extractor.num_bytes()})
+        extra.update(
+            {
+                "answered": len(strategy.accepted_scores),
+                "rejected": [str(e) for e in strategy.rejected],
+                "refused": {str(k): v for k, v in strategy.refused.items()},
+                "extractor-bytes": extractor.num_bytes(),
+            }
+        )
     elif method == "random":
         sampler = RandomSampler(len(pool), seed=seed)
     elif method == "kcenter":
@@ -125,21 +136,30 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     with timer("select"):
         selected = np.asarray(sampler.select(budget), dtype=np.int64)
     if federation.client_domain in pool.domain_names:
-        extra["domain-precision"] = domain_precision(selected, pool.domains.numpy(),
-                                                     _client_domain_id(federation))
+        extra["domain-precision"] = domain_precision(
+            selected, pool.domains.numpy(), _client_domain_id(federation)
+        )
     extra["selected"] = int(len(selected))
     with timer("cloud-training"):
         images = pool.images
-        model = build_model(str(config["model"]), federation.num_classes, images.shape[1],
-                            images.shape[-1])
+        model = build_model(
+            str(config["model"]), federation.num_classes, images.shape[1], images.shape[-1]
+        )
         torch_selected = selected.tolist()
-        train_epochs(model, images[torch_selected], pool.labels[torch_selected],
-                     epochs=int(config["cloud-epochs"]), batch_size=int(config["batch-size"]),
-                     learning_rate=float(config["learning-rate"]), seed=seed,
-                     device=str(config["device"]))
+        train_epochs(
+            model,
+            images[torch_selected],
+            pool.labels[torch_selected],
+            epochs=int(config["cloud-epochs"]),
+            batch_size=int(config["batch-size"]),
+            learning_rate=float(config["learning-rate"]),
+            seed=seed,
+            device=str(config["device"]),
+        )
     with timer("evaluate"):
-        messages = strategy.configure_evaluate(1, ArrayRecord(model.state_dict()),
-                                               client_config(config), metered)
+        messages = strategy.configure_evaluate(
+            1, ArrayRecord(model.state_dict()), client_config(config), metered
+        )
         replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
         strategy.aggregate_evaluate(1, replies)
     if not strategy.accuracy:
@@ -155,8 +175,19 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     report.phase_seconds = timer.seconds
     report.wall_s = time.time() - start
     report.extra = extra
-    keys = ("budget", "num-centroids", "epsilon", "delta", "score-mode", "threshold-multiple",
-            "extractor", "cloud-epochs", "model", "learning-rate", "batch-size")
+    keys = (
+        "budget",
+        "num-centroids",
+        "epsilon",
+        "delta",
+        "score-mode",
+        "threshold-multiple",
+        "extractor",
+        "cloud-epochs",
+        "model",
+        "learning-rate",
+        "batch-size",
+    )
     report.settings = {key: config[key] for key in keys}
     return report
 
@@ -164,5 +195,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
 def _client_domain_id(federation: Federation) -> int:
     names = federation.pool.domain_names
     if federation.client_domain not in names:
-        raise ValueError(f"the pool holds no part of the clients' domain {federation.client_domain!r}")
+        raise ValueError(
+            f"the pool holds no part of the clients' domain {federation.client_domain!r}"
+        )
     return names.index(federation.client_domain)

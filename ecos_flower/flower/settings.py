@@ -1,4 +1,4 @@
-"""Run settings: the defaults of `[tool.flwr.app.config]`, merged with a run's overrides, and path lookup."""
+"""Run settings: `[tool.flwr.app.config]` defaults merged with a run's overrides; path lookup."""
 
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "stat-beta": 1.0,
     "stat-decay-every": 0,
     "evaluate-every": 0,
+    # Reference points: local training epochs (method local), and DP-FedAvg's Gaussian noise
+    # multiplier and client-side clipping norm (method dp-fedavg); a target epsilon > 0 for the
+    # whole run calibrates the noise multiplier instead.
+    "local-train-epochs": 30,
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
+    "dp-target-epsilon": 0.0,
 }
 
 PACKAGE_ROOT = Path(ecos_flower.__file__).resolve().parent.parent
@@ -79,12 +86,9 @@ def merge_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve_path(value: str | Path, what: str = "scenario") -> Path:
     """Find a file named in a run config: absolute, or relative to the working directory or the
-    project root (where `flwr run .` installs the app). Raises FileNotFoundError naming the tries."""
+    project root (where `flwr run .` installs the app). FileNotFoundError names the tries."""
     path = Path(value).expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [Path.cwd() / path, PACKAGE_ROOT / path]
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PACKAGE_ROOT / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -92,8 +96,18 @@ def resolve_path(value: str | Path, what: str = "scenario") -> Path:
     raise FileNotFoundError(f"{what} file {str(value)!r} not found (looked at: {tried})")
 
 
-CLIENT_KEYS = ("scenario", "data-root", "num-clients", "model", "seed", "local-epochs",
-               "batch-size", "learning-rate", "device", "torch-threads")
+CLIENT_KEYS = (
+    "scenario",
+    "data-root",
+    "num-clients",
+    "model",
+    "seed",
+    "local-epochs",
+    "batch-size",
+    "learning-rate",
+    "device",
+    "torch-threads",
+)
 
 
 def client_config(config: Mapping[str, Any]) -> ConfigRecord:

@@ -64,8 +64,14 @@ def float_vector(reply: Message, key: str, length: int) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def metric(reply: Message, name: str, *, low: float = -math.inf, high: float = math.inf,
-           key: str = "metrics") -> float:
+def metric(
+    reply: Message,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    key: str = "metrics",
+) -> float:
     """A finite numeric metric within [low, high]."""
     node = reply.metadata.src_node_id
     record = reply_record(reply, key, MetricRecord)
@@ -90,14 +96,18 @@ def refusal(reply: Message) -> str | None:
     return "refused (no reason given)"
 
 
-def first_reply_per_node(replies: Iterable[Message]) -> tuple[list[Message], list[InvalidReplyError]]:
+def first_reply_per_node(
+    replies: Iterable[Message],
+) -> tuple[list[Message], list[InvalidReplyError]]:
     """Keep each node's first reply; later ones from the same node are rejected as duplicates."""
     seen: set[int] = set()
     kept, rejected = [], []
     for reply in replies:
         node = reply.metadata.src_node_id
         if node in seen:
-            rejected.append(InvalidReplyError(node, "answered twice in one round; extra reply dropped"))
+            rejected.append(
+                InvalidReplyError(node, "answered twice in one round; extra reply dropped")
+            )
             continue
         seen.add(node)
         kept.append(reply)

@@ -1,4 +1,4 @@
-"""The networks: a small CNN (task model and feature extractor) and the DSSGD paper's MLP and CNN."""
+"""Networks: a small CNN (task model, feature extractor) and the DSSGD paper's MLP and CNN."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class PaperMLP(nn.Module):
 
 
 class PaperCNN(nn.Module):
-    """DSSGD paper's CNN: conv5x5-32, tanh, maxpool3 / conv5x5-64, tanh, maxpool2 / fc-200, tanh / fc.
+    """DSSGD paper's CNN: conv5x5-32, tanh, maxpool3 / conv5x5-64, tanh, maxpool2 / fc-200 / fc.
 
     On 28x28 grey input it has the paper's 105,506 parameters.
     """

@@ -25,7 +25,7 @@ def train_epochs(
     seed: int = 0,
     device: str = "cpu",
 ) -> float:
-    """Train `model` in place with SGD on (images, labels); return the mean loss of the last epoch."""
+    """Train `model` in place with SGD; return the mean loss of the last epoch."""
     if len(images) == 0:
         raise ValueError("cannot train on an empty dataset")
     if len(images) != len(labels):

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ecos_flower.privacy._opacus import compute_rdp, get_privacy_spent
 
+from ecos_flower.privacy._opacus import compute_rdp, get_privacy_spent
 from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon
 
 LEDGER_FORMAT_VERSION = 1
