@@ -1,6 +1,6 @@
 """Benchmark: vectorised SVT vs the per-element loop vs a plain top-k of |delta|.
 
-    /tmp/venv/bin/python benchmarks/bench_svt.py [--large]   # --large adds 10^7 parameters
+    .venv/bin/python benchmarks/bench_svt.py [--large]   # --large adds 10^7 parameters
 
 The per-element loop is timed on a 10^5-entry slice (same theta_u, so c scales with it) and
 extrapolated linearly to the full size; the printed ratio says so.

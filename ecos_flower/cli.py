@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("scenario", nargs="?", default="simulations/embedded.toml")
     compare_parser.add_argument(
         "--methods",
-        default="ecos,random,kcenter,fedavg",
+        default="ecos,random,kcenter,dssgd,fedavg",
         help="comma-separated preset names from strategies/",
     )
     compare_parser.add_argument("--seeds", type=int, default=1)

@@ -8,7 +8,7 @@ evaluated
 on the common 2,000-image test split. Runs standalone, centralized, DSSGD theta_u in {0.01, 0.1, 1}
 (no DP, no clipping) and DP (SVT, theta_u = 0.1, gamma = 0.001, tau = 0.0001) at several epsilons.
 
-    /tmp/venv/bin/python simulations/dssgd_mnist.py [--seeds 3] [--quick]
+    .venv/bin/python simulations/dssgd_mnist.py [--seeds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
     bar.close()
 
-    command = "/tmp/venv/bin/python simulations/dssgd_mnist.py" + (" --quick" if args.quick else "")
+    command = ".venv/bin/python simulations/dssgd_mnist.py" + (" --quick" if args.quick else "")
     doc = {
         "command": command,
         "setting": {

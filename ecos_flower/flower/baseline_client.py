@@ -16,7 +16,11 @@ def handle_local_training(msg: Message, context: Context) -> Message:
     shard = client_shard(config, context.node_config)
     images = shard.train.images
     model = build_model(
-        str(config["model"]), int(config.get("num-classes", 10)), images.shape[1], images.shape[-1]
+        str(config["model"]),
+        int(config.get("num-classes", 10)),
+        images.shape[1],
+        images.shape[-1],
+        seed=int(config.get("seed", 0)),
     )
     device = str(config.get("device", "cpu"))
     train_epochs(

@@ -116,7 +116,11 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
         num_clients=config.get("num-clients"),
     )
     model = build_model(
-        str(config["model"]), federation.num_classes, pooled_x.shape[1], pooled_x.shape[-1]
+        str(config["model"]),
+        federation.num_classes,
+        pooled_x.shape[1],
+        pooled_x.shape[-1],
+        seed=int(config["seed"]),
     )
     train_epochs(
         model,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
@@ -60,9 +59,7 @@ def seeded_model(
 
     Seeds a forked torch RNG, so the caller's random state is left as it was.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build_model(name, num_classes, in_channels, image_size)
+    return build_model(name, num_classes, in_channels, image_size, seed=int(seed))
 
 
 def _limit(node_config: dict[str, Any], key: str) -> int:

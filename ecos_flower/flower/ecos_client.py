@@ -128,8 +128,8 @@ def handle_ecos_query(msg: Message, context: Context) -> Message:
             spent = ledger.charge(sigma / sensitivity, note=f"ecos query, run {context.run_id}")
         except BudgetExceededError as exc:
             return _refusal(msg, str(exc))
-        seed = int.from_bytes(os.urandom(8), "little")  # fresh noise: never reproducible by seed
-        scores = scores + np.random.default_rng(seed).normal(0.0, sigma, size=scores.shape)
+        rng = noise_generator(context.node_config, release_index=len(ledger.releases))
+        scores = scores + rng.normal(0.0, sigma, size=scores.shape)
         metrics.update(
             {
                 "sigma": sigma,
@@ -147,6 +147,14 @@ def handle_ecos_query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def noise_generator(node_config: dict[str, Any], release_index: int) -> np.random.Generator:
+    """Fresh OS entropy, unless the node's operator set a private `noise-seed` (experiments that
+    must repeat): then one stream per release, so no two releases ever share their noise."""
+    if "noise-seed" in node_config:
+        return np.random.default_rng([int(node_config["noise-seed"]), int(release_index)])
+    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
 
 
 def _refusal(msg: Message, reason: str) -> Message:

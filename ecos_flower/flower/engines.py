@@ -21,7 +21,12 @@ def run_once(config: dict[str, Any], num_clients: int, engine: str = "ray") -> R
     reports: list[RunReport] = []
     server_app = make_server_app(config, on_report=reports.append)
     if engine == "in-process":
-        run_in_process(server_app, InProcessGrid(client_app, num_clients))
+        # Each node gets a private noise seed derived from the run's seed, so an in-process
+        # experiment repeats exactly (Ray's simulated nodes draw fresh OS entropy).
+        seed = int(config.get("seed", 0))
+        node_configs = {i: {"noise-seed": 1_000_003 * seed + i} for i in range(num_clients)}
+        grid = InProcessGrid(client_app, num_clients, node_configs=node_configs)
+        run_in_process(server_app, grid)
     else:
         from flwr.simulation import run_simulation
 

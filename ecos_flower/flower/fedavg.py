@@ -70,7 +70,11 @@ def run_fedavg_with(
     metered = MeteredGrid(grid)
     images = federation.pool.images
     model = build_model(
-        str(config["model"]), federation.num_classes, images.shape[1], images.shape[-1]
+        str(config["model"]),
+        federation.num_classes,
+        images.shape[1],
+        images.shape[-1],
+        seed=int(config["seed"]),
     )
     strategy.start(
         grid=metered,

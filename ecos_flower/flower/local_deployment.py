@@ -1,12 +1,21 @@
 """Start a real Flower deployment on loopback: one `flower-superlink` and N `flower-supernode`
 processes over gRPC, run the app with `flwr run`, and stop exactly the processes started here.
 
+Insecure, or with TLS (`generate_certificates`: a private CA and a server certificate for the
+SuperLink's host names) and SuperNode authentication (`generate_supernode_key`: an EC P-384 key
+pair in OpenSSH format; the SuperLink runs with `--enable-supernode-auth`, each public key is
+registered with `flwr supernode register KEY.pub CONNECTION`, and each SuperNode proves its
+identity with `--auth-supernode-private-key KEY`).
+
 Used by the deployment tests and benchmarks; also a worked example of the commands in the README.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
+import json
 import os
 import signal
 import socket
@@ -25,6 +34,144 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def generate_certificates(
+    folder: Path,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
+    *,
+    days: int = 365,
+) -> dict[str, Path]:
+    """Write a private CA and a SuperLink server certificate signed by it into `folder`.
+
+    `hosts`: the names and IP addresses SuperNodes and `flwr` use to reach the SuperLink (every
+    one goes into the certificate's subjectAltName). Returns the paths under the keys the
+    SuperLink and SuperNodes need: ``ca`` (ca.crt: give it to every SuperNode and to `flwr`),
+    ``server-cert`` (server.pem) and ``server-key`` (server.key, keep it on the SuperLink host),
+    and ``ca-key`` (ca.key: keep it offline; it signs further certificates).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    until = now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ecos-flower private CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0]))]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    paths = {
+        "ca": folder / "ca.crt",
+        "ca-key": folder / "ca.key",
+        "server-cert": folder / "server.pem",
+        "server-key": folder / "server.key",
+    }
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["server-cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    for name, key in (("ca-key", ca_key), ("server-key", server_key)):
+        _write_private(paths[name], key_bytes(key))
+    return paths
+
+
+def generate_supernode_key(folder: Path, name: str = "supernode") -> tuple[Path, Path]:
+    """Write a SuperNode authentication key pair (EC P-384, OpenSSH format, as Flower expects)
+    into `folder`: NAME (private: stays on the SuperNode, `--auth-supernode-private-key`) and
+    NAME.pub (public: registered on the SuperLink with `flwr supernode register NAME.pub`).
+    Same as `ssh-keygen -t ecdsa -b 384 -N '' -f NAME`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    _write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return private, public
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -62,7 +209,13 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
 
 
 class LocalDeployment:
-    """A SuperLink and SuperNodes on loopback, insecure or with TLS, under a private FLWR_HOME."""
+    """A SuperLink and SuperNodes on loopback, insecure or with TLS, under a private FLWR_HOME.
+
+    `certificates`: paths from `generate_certificates` (keys ca, server-cert, server-key); None:
+    insecure. `supernode_auth=True` (needs certificates): the SuperLink only accepts SuperNodes
+    whose public keys were registered; a key pair per SuperNode is generated under
+    `workdir/keys` and registered with `flwr supernode register` before the SuperNode starts.
+    """
 
     def __init__(
         self,
@@ -70,24 +223,29 @@ class LocalDeployment:
         node_configs: Sequence[Mapping[str, Any]],
         *,
         certificates: Mapping[str, Path] | None = None,
+        supernode_auth: bool = False,
         startup_timeout: float = 60.0,
     ) -> None:
+        if supernode_auth and certificates is None:
+            raise ValueError("SuperNode authentication needs TLS: pass certificates=")
         self.workdir = Path(workdir)
         self.node_configs = [dict(c) for c in node_configs]
         self.certificates = certificates  # keys: ca, server-cert, server-key
+        self.supernode_auth = supernode_auth
         self.startup_timeout = startup_timeout
         self.home = self.workdir / "home"
         self.processes: list[subprocess.Popen] = []
+        self.supernodes: list[subprocess.Popen] = []
         self.control_port = free_port()
         self.fleet_port = free_port()
-        bindir = Path(sys.executable).parent
+        self.bindir = Path(sys.executable).parent
         self.env = dict(os.environ)
         self.env.update(
             {
                 "HOME": str(self.home),
                 "FLWR_HOME": str(self.home / ".flwr"),
                 # Flower starts its SuperExec helpers by name: they must be on PATH.
-                "PATH": f"{bindir}{os.pathsep}{self.env.get('PATH', '')}",
+                "PATH": f"{self.bindir}{os.pathsep}{self.env.get('PATH', '')}",
             }
         )
 
@@ -111,47 +269,102 @@ class LocalDeployment:
         process = subprocess.Popen(
             args, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir
         )
+        handle.close()  # the child holds its own descriptor
         process.log_path = log  # type: ignore[attr-defined]
         self.processes.append(process)
         return process
 
     def start(self) -> LocalDeployment:
-        """Start the SuperLink, wait for its ports, then start every SuperNode."""
+        """Start the SuperLink, wait for its ports, then register keys (auth) and start every
+        SuperNode."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / ".flwr").mkdir(exist_ok=True)
-        bindir = Path(sys.executable).parent
-        superlink = self._spawn(
-            "superlink",
-            [
-                str(bindir / "flower-superlink"),
-                *self._tls_args("superlink"),
-                "--port",
-                str(self.control_port),
-                "--fleet-api-address",
-                f"127.0.0.1:{self.fleet_port}",
-                # The app runs in this environment: no per-run dependency installation.
-                "--disable-runtime-dependency-installation",
-            ],
-        )
+        superlink_args = [
+            str(self.bindir / "flower-superlink"),
+            *self._tls_args("superlink"),
+            "--port",
+            str(self.control_port),
+            "--fleet-api-address",
+            f"127.0.0.1:{self.fleet_port}",
+            # The app runs in this environment: no per-run dependency installation.
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.supernode_auth:
+            superlink_args.append("--enable-supernode-auth")
+        superlink = self._spawn("superlink", superlink_args)
         for port in (self.control_port, self.fleet_port):
             _wait_for_port(port, superlink, superlink.log_path, self.startup_timeout)
-        for index, node_config in enumerate(self.node_configs):
-            config_text = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
-            self._spawn(
-                f"supernode-{index}",
-                [
-                    str(bindir / "flower-supernode"),
-                    *self._tls_args("supernode"),
-                    "--superlink",
-                    f"127.0.0.1:{self.fleet_port}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    config_text,
-                ],
-            )
         self._write_connection()
+        for index, node_config in enumerate(self.node_configs):
+            key = None
+            if self.supernode_auth:
+                key, public = generate_supernode_key(self.workdir / "keys", f"supernode-{index}")
+                self.register_supernode(public, name=f"supernode-{index}")
+            self.start_supernode(node_config, name=f"supernode-{index}", auth_key=key)
         return self
+
+    def start_supernode(
+        self,
+        node_config: Mapping[str, Any],
+        *,
+        name: str,
+        tls: bool = True,
+        auth_key: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> subprocess.Popen:
+        """Start one SuperNode against this SuperLink; its output goes to `workdir/NAME.log`.
+
+        `tls=False` starts it with `--insecure` even when the SuperLink uses TLS (a negative
+        check); `auth_key`: its private key (`--auth-supernode-private-key`)."""
+        config_text = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+        args = [
+            str(self.bindir / "flower-supernode"),
+            *(self._tls_args("supernode") if tls else ["--insecure"]),
+            "--superlink",
+            f"127.0.0.1:{self.fleet_port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            config_text,
+        ]
+        if auth_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        process = self._spawn(name, [*args, *extra_args])
+        self.supernodes.append(process)
+        return process
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI against this deployment (FLWR_HOME/config.toml, `local-grpc`)."""
+        return subprocess.run(
+            [str(self.bindir / "flwr"), *args],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register_supernode(self, public_key: Path, name: str | None = None) -> int:
+        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`);
+        returns the node id the SuperLink assigned."""
+        args = ["supernode", "register", str(public_key), "local-grpc", "--format", "json"]
+        if name:
+            args += ["--name", name]
+        result = self.flwr(*args)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"flwr supernode register failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        for line in reversed(result.stdout.strip().splitlines()):
+            with contextlib.suppress(ValueError):
+                data = json.loads(line)
+                if isinstance(data, dict) and "node-id" in data:
+                    return int(data["node-id"])
+        with contextlib.suppress(ValueError):
+            return int(json.loads(result.stdout[result.stdout.index("{") :])["node-id"])
+        raise RuntimeError(f"flwr supernode register gave no node id:\n{result.stdout}")
 
     def _write_connection(self) -> None:
         connection: dict[str, Any] = {"address": f"127.0.0.1:{self.control_port}"}
@@ -166,22 +379,14 @@ class LocalDeployment:
         self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600.0
     ) -> subprocess.CompletedProcess:
         """`flwr run APP_DIR local-grpc --run-config ... --stream`, waiting for the run to end."""
-        bindir = Path(sys.executable).parent
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-        return subprocess.run(
-            [
-                str(bindir / "flwr"),
-                "run",
-                str(app_dir),
-                "local-grpc",
-                "--run-config",
-                overrides,
-                "--stream",
-            ],
-            env=self.env,
-            cwd=self.workdir,
-            capture_output=True,
-            text=True,
+        return self.flwr(
+            "run",
+            str(app_dir),
+            "local-grpc",
+            "--run-config",
+            overrides,
+            "--stream",
             timeout=timeout,
         )
 
@@ -191,24 +396,14 @@ class LocalDeployment:
             f"--- {p.log_path.name}\n{p.log_path.read_text()[-4000:]}" for p in self.processes
         )
 
+    def stop_process(self, process: subprocess.Popen) -> None:
+        """Stop one process started here (and its descendants), by process id."""
+        _terminate([process])
+
     def stop(self) -> None:
         """Terminate the started processes and everything they started (SuperExec, app
         processes), by process id; kill what is still alive after a grace period."""
-        targets: list[int] = []
-        for process in self.processes:
-            targets.extend(_descendants(process.pid))
-            targets.append(process.pid)
-        for pid in targets:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        for pid in targets:
-            _signal(pid, signal.SIGKILL)
-        for process in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
+        _terminate(self.processes)
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -219,6 +414,43 @@ class LocalDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_log(process: subprocess.Popen, patterns: Sequence[str], timeout: float) -> str | None:
+    """The first of `patterns` to appear in the process's log within `timeout` seconds (checked
+    until the process exits and once more after), else None."""
+    log_path: Path = process.log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        for pattern in patterns:
+            if pattern in text:
+                return pattern
+        if time.monotonic() >= deadline:
+            return None
+        if process.poll() is not None:
+            time.sleep(0.2)  # let the last lines land, then a final look
+            text = log_path.read_text(errors="replace")
+            return next((p for p in patterns if p in text), None)
+        time.sleep(0.2)
+
+
+def _terminate(processes: Sequence[subprocess.Popen]) -> None:
+    targets: list[int] = []
+    for process in processes:
+        targets.extend(_descendants(process.pid))
+        targets.append(process.pid)
+    for pid in targets:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    for pid in targets:
+        _signal(pid, signal.SIGKILL)
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -6,6 +6,7 @@ Only the public pool is read on the server; clients' shards are touched only by 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,10 +141,15 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
             selected, pool.domains.numpy(), _client_domain_id(federation)
         )
     extra["selected"] = int(len(selected))
+    extra["selection-sha256"] = hashlib.sha256(np.sort(selected).tobytes()).hexdigest()[:16]
     with timer("cloud-training"):
         images = pool.images
         model = build_model(
-            str(config["model"]), federation.num_classes, images.shape[1], images.shape[-1]
+            str(config["model"]),
+            federation.num_classes,
+            images.shape[1],
+            images.shape[-1],
+            seed=seed,
         )
         torch_selected = selected.tolist()
         train_epochs(

@@ -18,7 +18,7 @@ import ecos_flower
 DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "scenario": "simulations/embedded.toml",
     "data-root": "",
-    "method": "fedavg",
+    "method": "ecos",
     "seed": 0,
     "model": "small-cnn",
     "num-server-rounds": 3,

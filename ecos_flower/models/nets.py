@@ -86,9 +86,21 @@ MODEL_NAMES = ("small-cnn", "paper-mlp", "paper-cnn")
 
 
 def build_model(
-    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    seed: int | None = None,
 ) -> nn.Module:
-    """Build a model by its config name; unknown names raise a ValueError listing the choices."""
+    """Build a model by its config name; unknown names raise a ValueError listing the choices.
+
+    With `seed`, the initial weights come from a forked, seeded torch RNG (reproducible runs; the
+    caller's random state is left as it was).
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return build_model(name, num_classes, in_channels, image_size)
     if name == "small-cnn":
         return SmallCNN(num_classes=num_classes, in_channels=in_channels)
     if name == "paper-mlp":
