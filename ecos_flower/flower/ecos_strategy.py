@@ -67,6 +67,7 @@ class EcosStrategy(Strategy):
         self.rejected: list[InvalidReplyError] = []
         self.refused: dict[int, str] = {}
         self.accuracy: dict[int, float] = {}
+        self.evaluated_nodes: set[int] = set()  # nodes whose evaluation was accepted
         self._extractor_sent: set[int] = set()
 
     def summary(self) -> None:
@@ -199,6 +200,7 @@ class EcosStrategy(Strategy):
                 self._reject_all([exc])
                 continue
             self.accuracy[client] = accuracy
+            self.evaluated_nodes.add(reply.metadata.src_node_id)
             self.node_to_client.setdefault(reply.metadata.src_node_id, client)
         if not self.accuracy:
             return None

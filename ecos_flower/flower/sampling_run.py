@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -34,6 +36,7 @@ from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.validation import drop_events, too_few_message
 from ecos_flower.models import build_model, train_epochs
 
 SAMPLING_METHODS = ("ecos", "oracle", "random", "kcenter", "in-domain")
@@ -101,7 +104,13 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     )
     strategy.summary()
     extra: dict[str, Any] = {}
+    # Rounds go on with the clients that answer (others crash, time out or disconnect) as long
+    # as at least `min-clients` do; `dropped` names who dropped out, when and why.
+    min_clients = int(config.get("min-clients", 1))
+    dropped: list[dict[str, Any]] = []
+    extra["dropped"] = dropped
     cache = Path(config["feature-cache"]) if config["feature-cache"] else None
+    features: np.ndarray | None = None
     if method in ("ecos", "oracle", "kcenter"):
         with timer("extractor"):
             extractor = build_extractor(config, federation)
@@ -117,8 +126,23 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
             )
             replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
             aggregated = strategy.aggregate_query(1, replies, k)
+        dropped += drop_events(
+            "query",
+            1,
+            [m.metadata.dst_node_id for m in messages],
+            set(strategy.accepted_scores) | set(strategy.refused),
+            strategy.rejected,
+        )
         if aggregated is None:
-            raise RuntimeError("no client answered the ECOS query validly; see the log")
+            raise RuntimeError(
+                too_few_message("ECOS query", 0, max(min_clients, 1), dropped)
+                + "; refused: "
+                + (", ".join(f"node {n}: {r}" for n, r in strategy.refused.items()) or "none")
+            )
+        if len(strategy.accepted_scores) < min_clients:
+            raise RuntimeError(
+                too_few_message("ECOS query", len(strategy.accepted_scores), min_clients, dropped)
+            )
         sampler = EcosSampler(features, compression, aggregated, seed=seed)
         extra.update(
             {
@@ -143,33 +167,29 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     extra["selected"] = int(len(selected))
     extra["selection-sha256"] = hashlib.sha256(np.sort(selected).tobytes()).hexdigest()[:16]
     with timer("cloud-training"):
-        images = pool.images
-        model = build_model(
-            str(config["model"]),
-            federation.num_classes,
-            images.shape[1],
-            images.shape[-1],
-            seed=seed,
-        )
-        torch_selected = selected.tolist()
-        train_epochs(
-            model,
-            images[torch_selected],
-            pool.labels[torch_selected],
-            epochs=int(config["cloud-epochs"]),
-            batch_size=int(config["batch-size"]),
-            learning_rate=float(config["learning-rate"]),
-            seed=seed,
-            device=str(config["device"]),
-        )
+        context = SelectionContext(config, federation, selected, metered, strategy, features)
+        model = use_selection(context)
     with timer("evaluate"):
         messages = strategy.configure_evaluate(
             1, ArrayRecord(model.state_dict()), client_config(config), metered
         )
         replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
+        rejected_before = len(strategy.rejected)
         strategy.aggregate_evaluate(1, replies)
+    dropped += drop_events(
+        "evaluate",
+        1,
+        [m.metadata.dst_node_id for m in messages],
+        strategy.evaluated_nodes,
+        strategy.rejected[rejected_before:],
+        strategy.node_to_client,
+    )
     if not strategy.accuracy:
         raise RuntimeError(no_results_message({e.node_id: e.problem for e in strategy.rejected}))
+    if len(strategy.evaluated_nodes) < min_clients:
+        raise RuntimeError(
+            too_few_message("evaluation", len(strategy.evaluated_nodes), min_clients, dropped)
+        )
     report = RunReport(method=method, seed=seed, scenario=str(config["scenario"]))
     report.accuracy_per_client = dict(strategy.accuracy)
     if method == "ecos":
@@ -196,6 +216,61 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     )
     report.settings = {key: config[key] for key in keys}
     return report
+
+
+@dataclass
+class SelectionContext:
+    """What the step after selection may use: the run config, the federation (only its public
+    pool on the server), the selected pool indices, the metered grid (an application may query
+    clients, e.g. private kNN labelling), the strategy (whose `epsilon_spent` per client an
+    application's charges add to) and the pool features (None for methods without an extractor)."""
+
+    config: dict[str, Any]
+    federation: Federation
+    selected: np.ndarray
+    grid: MeteredGrid
+    strategy: EcosStrategy
+    features: np.ndarray | None
+
+
+def train_on_selection(context: SelectionContext) -> torch.nn.Module:
+    """Label outsourcing: train the task model on the selected samples with their pool labels."""
+    config, pool = context.config, context.federation.pool
+    seed = int(config["seed"])
+    images = pool.images
+    model = build_model(
+        str(config["model"]),
+        context.federation.num_classes,
+        images.shape[1],
+        images.shape[-1],
+        seed=seed,
+    )
+    chosen = context.selected.tolist()
+    train_epochs(
+        model,
+        images[chosen],
+        pool.labels[chosen],
+        epochs=int(config["cloud-epochs"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        seed=seed,
+        device=str(config["device"]),
+    )
+    return model
+
+
+# How the cloud uses the proxy set; applications register more entries (run-config `application`).
+APPLICATIONS: dict[str, Callable[[SelectionContext], torch.nn.Module]] = {
+    "supervised": train_on_selection,
+}
+
+
+def use_selection(context: SelectionContext) -> torch.nn.Module:
+    """Run the configured application on the selection; returns the model clients evaluate."""
+    name = str(context.config.get("application", "supervised"))
+    if name not in APPLICATIONS:
+        raise ValueError(f"unknown application {name!r}; choose one of {', '.join(APPLICATIONS)}")
+    return APPLICATIONS[name](context)
 
 
 def _client_domain_id(federation: Federation) -> int:

@@ -46,6 +46,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "extractor-epochs": 5,
     "pca-components": 64,
     "cloud-epochs": 30,
+    "application": "supervised",
     "feature-cache": "",
     "timeout": 3600.0,
     # DSSGD: local epochs per participant (server rounds are derived), schedule, up/download

@@ -112,3 +112,46 @@ def first_reply_per_node(
         seen.add(node)
         kept.append(reply)
     return kept, rejected
+
+
+NO_REPLY = "no reply within the timeout (crashed, offline or disconnected)"
+
+
+def drop_events(
+    phase: str,
+    server_round: int,
+    sent_to: Iterable[int],
+    answered: Iterable[int],
+    errors: Iterable[InvalidReplyError],
+    node_to_client: dict[int, int] | None = None,
+) -> list[dict[str, object]]:
+    """Who dropped out of one round: every node a message was `sent_to` whose result is not among
+    the `answered` ones (accepted replies and stated refusals), with the reason: its rejection
+    (a ClientApp error or an invalid reply) or no reply at all. One JSON-ready dict per node."""
+    done = set(answered)
+    reasons: dict[int, str] = {}
+    for error in errors:
+        reasons[error.node_id] = error.problem
+    events = []
+    for node in dict.fromkeys(sent_to):
+        if node in done:
+            continue
+        events.append(
+            {
+                "phase": phase,
+                "round": int(server_round),
+                "node": int(node),
+                "client": (node_to_client or {}).get(node),
+                "reason": reasons.get(node, NO_REPLY),
+            }
+        )
+    return events
+
+
+def too_few_message(what: str, got: int, minimum: int, events: Iterable[dict]) -> str:
+    """Why a round cannot go on: fewer results than the run's `min-clients`, and who dropped."""
+    listed = "; ".join(f"node {e['node']}: {e['reason']}" for e in list(events)[:10])
+    return (
+        f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}"
+        + (f"; dropped: {listed}" if listed else "")
+    )
