@@ -88,8 +88,11 @@ class EcosSampler:
         alloc = self.allocation(budget)
         rng = np.random.default_rng(self.seed)
         chosen: list[np.ndarray] = []
+        # Group the pool by cluster once (one stable sort), not one scan of the pool per cluster.
+        order = np.argsort(self.compression.assignments, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(self.compression.cluster_sizes)])
         for cluster in np.flatnonzero(alloc):
-            members = self.compression.members(int(cluster))
+            members = order[bounds[cluster] : bounds[cluster + 1]]
             share = int(alloc[cluster])
             if self.within_cluster == "random":
                 chosen.append(rng.choice(members, size=share, replace=False))
