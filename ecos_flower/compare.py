@@ -123,7 +123,8 @@ def run_compare(
             )
         )
         (out / "results.json").write_text(json.dumps(records, indent=2))
-    write_table(records, out / "results.md", scenario_path, methods, seeds, engine)
+    command = compare_command(scenario_path, methods, seeds, budgets, engine, overrides, out)
+    write_table(records, out / "results.md", scenario_path, command)
     write_plots(records, out)
     return records
 
@@ -183,19 +184,39 @@ def table_markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_table(
-    records: list[dict[str, Any]],
-    path: Path,
+def compare_command(
     scenario: Path,
     methods: Sequence[str],
     seeds: int,
+    budgets: Sequence[int] | None,
     engine: str,
-) -> None:
+    overrides: dict[str, Any] | None,
+    out: Path,
+) -> str:
+    """The command line that reproduces a comparison (paths relative to the project root)."""
+    try:
+        scenario_text = str(scenario.relative_to(PACKAGE_ROOT))
+    except ValueError:
+        scenario_text = str(scenario)
+    try:
+        out_text = str(Path(out).resolve().relative_to(PACKAGE_ROOT))
+    except ValueError:
+        out_text = str(out)
+    parts = [
+        f"ecos-flower compare {scenario_text} --methods {','.join(methods)}",
+        f"--seeds {seeds}",
+    ]
+    if budgets:
+        parts.append(f"--budgets {','.join(str(b) for b in budgets)}")
+    parts.append(f"--engine {engine}")
+    for key, value in (overrides or {}).items():
+        parts.append(f"--set {key}={json.dumps(value)}")
+    parts.append(f"--out {out_text}")
+    return " ".join(parts)
+
+
+def write_table(records: list[dict[str, Any]], path: Path, scenario: Path, command: str) -> None:
     """results.md: the table and the command that made it."""
-    command = (
-        f"ecos-flower compare {scenario.name} --methods {','.join(methods)} "
-        f"--seeds {seeds} --engine {engine}"
-    )
     path.write_text(
         f"# Comparison on `{scenario.name}`\n\n"
         f"Made by `{command}` (see results.json for every run; accuracy is the mean over clients "
