@@ -10,8 +10,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from threadpoolctl import threadpool_limits
 
 from ecos_flower.data import load_scenario
+from ecos_flower.flower.applications import run_dp_linear_probe
 from ecos_flower.flower.baselines_run import run_centralized, run_dp_fedavg, run_local
 from ecos_flower.flower.dssgd_run import run_dssgd
 from ecos_flower.flower.fedavg import run_fedavg
@@ -26,6 +28,7 @@ METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
     "local": run_local,
     "centralized": run_centralized,
     "dp-fedavg": run_dp_fedavg,
+    "dp-linear-probe": run_dp_linear_probe,
     **dict.fromkeys(SAMPLING_METHODS, run_sampling),
 }
 
@@ -51,7 +54,10 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
             len(nodes),
         )
     config["num-clients"] = len(nodes)
-    report = METHODS[method](grid, config)
+    # BLAS/OpenMP pools (scikit-learn's K-means, numpy) get the same thread count as torch:
+    # on small shared machines their default of one thread per core ran K-means 8x slower.
+    with threadpool_limits(limits=max(1, int(config["torch-threads"]))):
+        report = METHODS[method](grid, config)
     for line in report.table().splitlines():
         log(INFO, "%s", line)
     if config.get("results-dir"):
