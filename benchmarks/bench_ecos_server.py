@@ -1,7 +1,7 @@
 """Benchmark the ECOS server: compression (K-means) time vs pool size, and diverse decompression
 (allocation + per-cluster greedy k-center) vs the distance computations it must do.
 
-    .venv/bin/python benchmarks/bench_ecos_server.py            # N up to 10^6 (d=64), 2x10^5 (d=512)
+    .venv/bin/python benchmarks/bench_ecos_server.py          # N to 10^6 (d=64), 2x10^5 (d=512)
     .venv/bin/python benchmarks/bench_ecos_server.py --quick    # seconds
 
 Compression: time per N should grow linearly (mini-batch K-means above the threshold); quality is

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from ecos_flower.flower.application_client import handle_finetune_evaluate, handle_knn_query
 from ecos_flower.flower.baseline_client import handle_data_upload, handle_local_training
 from ecos_flower.flower.client_data import client_shard
 from ecos_flower.flower.dssgd_client import handle_dssgd_evaluate, handle_dssgd_train
@@ -134,3 +135,19 @@ def local_train(msg: Message, context: Context) -> Message:
 def upload_data(msg: Message, context: Context) -> Message:
     """Reference point `centralized`: send the raw training shard (no privacy)."""
     return handle_data_upload(msg, context)
+
+
+@app.query("knn")
+@timed
+def knn_query(msg: Message, context: Context) -> Message:
+    """Private kNN labelling: noisy label votes for the server's selected samples."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_knn_query(msg, context)
+
+
+@app.evaluate("finetune")
+@timed
+def finetune_evaluate(msg: Message, context: Context) -> Message:
+    """DP last-layer fine-tuning of the received model, then test accuracy."""
+    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
+    return handle_finetune_evaluate(msg, context)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
 from torch import nn
 
 from ecos_flower.dssgd import (
@@ -37,6 +39,7 @@ from ecos_flower.dssgd import (
     validate_sparse_update,
 )
 from ecos_flower.flower.client_data import client_shard
+from ecos_flower.flower.validation import checked_numpy
 from ecos_flower.models import build_model, evaluate_accuracy
 from ecos_flower.privacy.pure_dp import PureBudgetExceededError, PureDPLedger
 
@@ -114,6 +117,21 @@ def check_task(task: ConfigRecord, node_config: dict[str, Any]) -> None:
         _integer(task, "epoch", 0, 10**9)
 
 
+def check_config(config: object) -> ConfigRecord:
+    """The client config of a DSSGD message: model name, batch size, learning rate, checked."""
+    if not isinstance(config, ConfigRecord):
+        raise TaskRejected("task has no ConfigRecord 'config'")
+    if not isinstance(config.get("model"), str):
+        raise TaskRejected(f"model={config.get('model')!r} is not a model name")
+    _integer(config, "batch-size", 1, 1_000_000)
+    rate = _number(config, "learning-rate")
+    if not (math.isfinite(rate) and rate > 0):
+        raise TaskRejected(f"learning-rate={rate} must be a positive finite number")
+    if "seed" in config:
+        _integer(config, "seed", 0, 2**63 - 1)
+    return config
+
+
 def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
     """The server's download (indices int64, values float32), checked against the task's sizes."""
     record = msg.content.get("download")
@@ -130,7 +148,15 @@ def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
                 f"download {name} have shape {shape}, expected ({expected},) for theta-d="
                 f"{float(task['theta-d']):g} of {num_params} parameters"
             )
-    indices, values = record["indices"].numpy(), record["values"].numpy()
+    try:  # headers checked before decoding: no allocation beyond the expected size
+        indices = checked_numpy(record["indices"], expected, "download indices")
+        values = checked_numpy(record["values"], expected, "download values")
+    except ValueError as exc:
+        raise TaskRejected(str(exc)) from exc
+    if indices.shape != (expected,) or values.shape != (expected,):
+        raise TaskRejected(
+            f"download arrays have shapes {indices.shape}/{values.shape}, expected ({expected},)"
+        )
     if indices.dtype != np.int64 or values.dtype != np.float32:
         raise TaskRejected(
             f"download dtypes are {indices.dtype}/{values.dtype}, expected int64/float32"
@@ -215,6 +241,7 @@ def handle_dssgd_train(msg: Message, context: Context) -> Message:
         return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
     try:
         check_task(task, context.node_config)
+        config = check_config(msg.content.get("config"))
         download = read_download(msg, task)
     except TaskRejected as exc:
         return _refusal(msg, f"task rejected: {exc}")
@@ -236,8 +263,10 @@ def handle_dssgd_train(msg: Message, context: Context) -> Message:
                 f"privacy budget: this upload costs epsilon {cost.epsilon_spent:g}; spent "
                 f"{ledger.spent:g} of the limit {ledger.epsilon_limit:g}",
             )
-    config = msg.content["config"]
-    shard = client_shard(config, context.node_config)
+    try:
+        shard = client_shard(config, context.node_config)
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # no usable data
+        return _refusal(msg, f"task rejected: this node's data cannot be loaded: {exc}")
     try:
         model, steps = local_model(context, config, task, shard)
     except TaskRejected as exc:
@@ -310,11 +339,19 @@ def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
                 f"global params have shape {tuple(record['params'].shape)}, "
                 f"expected ({num_params},)"
             )
-        params = record["params"].numpy()
+        try:
+            params = checked_numpy(record["params"], num_params, "global params")
+        except ValueError as exc:
+            raise TaskRejected(str(exc)) from exc
+        if params.shape != (num_params,):
+            raise TaskRejected(f"global params have shape {params.shape}, expected ({num_params},)")
         if params.dtype != np.float32 or not np.all(np.isfinite(params)):
             raise TaskRejected("global params must be finite float32 numbers")
-        config = msg.content["config"]
-        shard = client_shard(config, context.node_config)
+        config = check_config(msg.content.get("config"))
+        try:
+            shard = client_shard(config, context.node_config)
+        except (ValueError, OSError, KeyError, TypeError) as exc:  # no usable data
+            raise TaskRejected(f"this node's data cannot be loaded: {exc}") from exc
         model, steps = local_model(context, config, task, shard)
     except TaskRejected as exc:
         return _refusal(msg, f"task rejected: {exc}")
@@ -340,4 +377,7 @@ def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
 
 
 def _refusal(msg: Message, reason: str) -> Message:
+    """A reply that refuses the message with `reason` (logged on the node as well)."""
+    node = msg.metadata.dst_node_id
+    log(WARNING, "node %s refuses %s: %s", node, msg.metadata.message_type, reason)
     return Message(content=RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)

@@ -26,6 +26,7 @@ from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.sampling_run import PhaseTimer
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.validation import drop_events, refusal, too_few_message
 
 SETTING_KEYS = (
     "model",
@@ -72,13 +73,35 @@ def make_strategy(config: dict[str, Any], initial: np.ndarray, num_classes: int)
 
 
 def _evaluate(
-    strategy: DSSGDStrategy, grid: MeteredGrid, server_round: int, config: dict[str, Any]
+    strategy: DSSGDStrategy,
+    grid: MeteredGrid,
+    server_round: int,
+    config: dict[str, Any],
+    dropped: list[dict[str, Any]] | None = None,
 ) -> dict[str, float] | None:
     messages = strategy.configure_evaluate(
         server_round, strategy.global_arrays(), client_config(config), grid
     )
-    replies = grid.send_and_receive(messages, timeout=float(config["timeout"]))
+    replies = list(grid.send_and_receive(messages, timeout=float(config["timeout"])))
+    rejected_before = len(strategy.rejected)
+    refused_now = {r.metadata.src_node_id for r in replies if refusal(r) is not None}
+    strategy.evaluated_nodes = set()
     result = strategy.aggregate_evaluate(server_round, replies)
+    events = drop_events(
+        "evaluate",
+        server_round,
+        [m.metadata.dst_node_id for m in messages],
+        strategy.evaluated_nodes | refused_now,
+        strategy.rejected[rejected_before:],
+        strategy.node_to_client,
+    )
+    if dropped is not None:
+        dropped += events
+    min_clients = int(config.get("min-clients", 1))
+    if result is not None and len(strategy.evaluated_nodes) < min_clients:
+        raise RuntimeError(
+            too_few_message("DSSGD evaluation", len(strategy.evaluated_nodes), min_clients, events)
+        )
     if result is None:
         return None
     point = {"round": server_round, **{k: float(v) for k, v in result.items()}}
@@ -126,6 +149,15 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
         strategy.schedule_name,
     )
     train_config = client_config(config)
+    # Rounds go on with the participants that answer; a participant that crashed, timed out,
+    # disconnected or sent an invalid upload in its latest scheduled step counts as dropped
+    # (a refusal, e.g. its privacy budget, is an answer). The run stops when fewer than
+    # `min-clients` participants remain; `dropped` names who dropped, when and why.
+    min_clients = int(config.get("min-clients", 1))
+    if min_clients > len(nodes):
+        raise RuntimeError(f"min-clients={min_clients} but only {len(nodes)} node(s) connected")
+    dropped: list[dict[str, Any]] = []
+    latest_drop: dict[int, dict[str, Any]] = {}
     round_bytes: dict[int, list[tuple[int, int]]] = {}
     history: list[dict[str, float]] = []
     train_s = 0.0
@@ -134,7 +166,29 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
         up, down = dict(metered.bytes_up), dict(metered.bytes_down)
         messages = strategy.configure_train(server_round, ArrayRecord(), train_config, metered)
         replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
+        rejected_before = len(strategy.rejected)
         strategy.aggregate_train(server_round, replies)
+        events = drop_events(
+            "train",
+            server_round,
+            [m.metadata.dst_node_id for m in messages],
+            strategy.answered_nodes,
+            strategy.rejected[rejected_before:],
+            strategy.node_to_client,
+        )
+        dropped += events
+        for msg in messages:
+            latest_drop.pop(msg.metadata.dst_node_id, None)
+        latest_drop.update((e["node"], e) for e in events)
+        if len(nodes) - len(latest_drop) < min_clients:
+            raise RuntimeError(
+                too_few_message(
+                    f"DSSGD round {server_round}",
+                    len(nodes) - len(latest_drop),
+                    min_clients,
+                    latest_drop.values(),
+                )
+            )
         for msg in messages:
             node = msg.metadata.dst_node_id
             round_bytes.setdefault(node, []).append(
@@ -156,12 +210,12 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
             )
         if evaluate_every > 0 and server_round % evaluate_every == 0 and server_round < num_rounds:
             with timer("evaluate"):
-                point = _evaluate(strategy, metered, server_round, config)
+                point = _evaluate(strategy, metered, server_round, config, dropped)
             if point is not None:
                 history.append(point)
     timer.seconds["train"] = train_s
     with timer("evaluate"):
-        point = _evaluate(strategy, metered, num_rounds, config)
+        point = _evaluate(strategy, metered, num_rounds, config, dropped)
     if point is None:
         errors = {e.node_id: e.problem for e in strategy.rejected}
         errors.update(strategy.refused)
@@ -203,6 +257,7 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
         "rejected": [str(e) for e in strategy.rejected],
         "refused": {str(k): v for k, v in strategy.refused.items()},
         "bytes-per-round": dict(sorted(per_round.items())),
+        "dropped": dropped,
         "history": history,
     }
     if strategy.private:

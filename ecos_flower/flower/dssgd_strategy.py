@@ -32,6 +32,7 @@ from ecos_flower.dssgd import (
 )
 from ecos_flower.flower.validation import (
     InvalidReplyError,
+    checked_numpy,
     first_reply_per_node,
     metric,
     refusal,
@@ -112,6 +113,8 @@ class DSSGDStrategy(Strategy):
         self.server_accuracy: dict[int, float] = {}
         self.local_steps: dict[int, int] = {}  # steps each local model has taken (as evaluated)
         self._scheduled: set[int] = set()
+        self.answered_nodes: set[int] = set()  # accepted or refused in the latest train round
+        self.evaluated_nodes: set[int] = set()  # nodes whose evaluation was accepted
 
     @property
     def private(self) -> bool:
@@ -225,6 +228,7 @@ class DSSGDStrategy(Strategy):
         kept, duplicates = first_reply_per_node(replies)
         self._reject_all(duplicates)
         accepted, losses = 0, []
+        self.answered_nodes = set()
         for reply in kept:
             node = reply.metadata.src_node_id
             if node not in self._scheduled:
@@ -236,6 +240,7 @@ class DSSGDStrategy(Strategy):
             reason = refusal(reply)
             if reason is not None:
                 self.refused[node] = reason
+                self.answered_nodes.add(node)
                 log(WARNING, "node %s refused the DSSGD step: %s", node, reason)
                 continue
             try:
@@ -244,6 +249,7 @@ class DSSGDStrategy(Strategy):
                 self._reject_all([exc])
                 continue
             self.server.apply(update)
+            self.answered_nodes.add(node)
             accepted += 1
             self.accepted += 1
             self.node_to_client[node] = client
@@ -269,11 +275,11 @@ class DSSGDStrategy(Strategy):
             raise InvalidReplyError(
                 node, f"upload holds {sorted(record.keys())}, expected indices and values"
             )
-        try:
-            indices = np.array(record["indices"].numpy(), copy=True)
-            values = np.array(record["values"].numpy(), copy=True)
-        except Exception as exc:  # a payload that does not decode as an array
-            raise InvalidReplyError(node, f"upload does not decode as arrays: {exc}") from exc
+        try:  # headers checked first: a tiny payload cannot make the server allocate much
+            indices = checked_numpy(record["indices"], self.max_upload, "upload indices")
+            values = checked_numpy(record["values"], self.max_upload, "upload values")
+        except ValueError as exc:
+            raise InvalidReplyError(node, f"bad upload: {exc}") from exc
         try:
             update = validate_sparse_update(
                 indices, values, self.server.num_params, max_count=self.max_upload
@@ -367,6 +373,7 @@ class DSSGDStrategy(Strategy):
             self.accuracy[client] = accuracy
             self.server_accuracy[client] = server_accuracy
             self.node_to_client[node] = client
+            self.evaluated_nodes.add(node)
         if not self.accuracy:
             return None
         return MetricRecord(

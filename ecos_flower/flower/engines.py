@@ -10,6 +10,15 @@ from ecos_flower.flower.report import RunReport
 ENGINES = ("ray", "in-process")
 
 
+def ray_backend_config() -> dict[str, Any]:
+    """One CPU per simulated client. On this machine Ray starts with all its cores; with
+    RAY_ADDRESS set, Flower joins that running cluster, where Ray refuses resource arguments."""
+    config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    if not os.environ.get("RAY_ADDRESS"):
+        config["init_args"] = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    return config
+
+
 def run_once(config: dict[str, Any], num_clients: int, engine: str = "ray") -> RunReport:
     """One run of the configured method; returns its report (raises if the run produced none)."""
     from ecos_flower.client_app import app as client_app
@@ -34,10 +43,7 @@ def run_once(config: dict[str, Any], num_clients: int, engine: str = "ray") -> R
             server_app=server_app,
             client_app=client_app,
             num_supernodes=num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-            },
+            backend_config=ray_backend_config(),
         )
     if not reports:
         raise RuntimeError("the run ended without a report (see the log above)")

@@ -10,7 +10,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,12 @@ from ecos_flower.ecos import (
     compress,
     domain_precision,
     make_extractor,
+)
+from ecos_flower.flower.applications import (
+    APPLICATION_FUNCTIONS,
+    finetune_enabled,
+    finetune_messages,
+    record_finetune,
 )
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.payload import MeteredGrid
@@ -111,6 +117,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     extra["dropped"] = dropped
     cache = Path(config["feature-cache"]) if config["feature-cache"] else None
     features: np.ndarray | None = None
+    extractor = None
     if method in ("ecos", "oracle", "kcenter"):
         with timer("extractor"):
             extractor = build_extractor(config, federation)
@@ -134,10 +141,12 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
             strategy.rejected,
         )
         if aggregated is None:
+            refused = "; ".join(f"node {n}: {r}" for n, r in strategy.refused.items())
             raise RuntimeError(
-                too_few_message("ECOS query", 0, max(min_clients, 1), dropped)
-                + "; refused: "
-                + (", ".join(f"node {n}: {r}" for n, r in strategy.refused.items()) or "none")
+                "no client answered the ECOS query validly ("
+                + too_few_message("query", 0, max(min_clients, 1), dropped)
+                + (f"; refused: {refused}" if refused else "")
+                + ")"
             )
         if len(strategy.accepted_scores) < min_clients:
             raise RuntimeError(
@@ -167,15 +176,22 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     extra["selected"] = int(len(selected))
     extra["selection-sha256"] = hashlib.sha256(np.sort(selected).tobytes()).hexdigest()[:16]
     with timer("cloud-training"):
-        context = SelectionContext(config, federation, selected, metered, strategy, features)
+        context = SelectionContext(
+            config, federation, selected, metered, strategy, features, extractor
+        )
         model = use_selection(context)
+    extra.update(context.extra)
     with timer("evaluate"):
         messages = strategy.configure_evaluate(
             1, ArrayRecord(model.state_dict()), client_config(config), metered
         )
-        replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
+        if finetune_enabled(config):  # clients fine-tune the head with DP, then evaluate
+            messages = finetune_messages(messages, config)
+        replies = list(metered.send_and_receive(messages, timeout=float(config["timeout"])))
         rejected_before = len(strategy.rejected)
         strategy.aggregate_evaluate(1, replies)
+        if finetune_enabled(config):
+            extra.update(record_finetune(strategy, replies))
     dropped += drop_events(
         "evaluate",
         1,
@@ -195,8 +211,14 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     if method == "ecos":
         report.epsilon_per_client = dict(strategy.epsilon_spent)
         report.delta = float(config["delta"])
-    elif method in ("random", "kcenter"):  # never look at client data: no privacy cost at all
-        report.epsilon_per_client = dict.fromkeys(strategy.accuracy, 0.0)
+    elif method in ("random", "kcenter"):
+        # The selection never looks at client data; an application's charges (private kNN, DP
+        # fine-tuning) are the clients' whole cost.
+        report.epsilon_per_client = {
+            c: strategy.epsilon_spent.get(c, 0.0) for c in strategy.accuracy
+        }
+        if strategy.epsilon_spent:
+            report.delta = float(config["delta"])
     report.add_traffic(metered, strategy.node_to_client)
     report.phase_seconds = timer.seconds
     report.wall_s = time.time() - start
@@ -213,6 +235,8 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         "model",
         "learning-rate",
         "batch-size",
+        "application",
+        "finetune-epsilon",
     )
     report.settings = {key: config[key] for key in keys}
     return report
@@ -223,7 +247,8 @@ class SelectionContext:
     """What the step after selection may use: the run config, the federation (only its public
     pool on the server), the selected pool indices, the metered grid (an application may query
     clients, e.g. private kNN labelling), the strategy (whose `epsilon_spent` per client an
-    application's charges add to) and the pool features (None for methods without an extractor)."""
+    application's charges add to), the pool features and the extractor (None for methods without
+    one), and `extra`: what the application adds to the run report."""
 
     config: dict[str, Any]
     federation: Federation
@@ -231,6 +256,8 @@ class SelectionContext:
     grid: MeteredGrid
     strategy: EcosStrategy
     features: np.ndarray | None
+    extractor: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_on_selection(context: SelectionContext) -> torch.nn.Module:
@@ -262,6 +289,7 @@ def train_on_selection(context: SelectionContext) -> torch.nn.Module:
 # How the cloud uses the proxy set; applications register more entries (run-config `application`).
 APPLICATIONS: dict[str, Callable[[SelectionContext], torch.nn.Module]] = {
     "supervised": train_on_selection,
+    **APPLICATION_FUNCTIONS,
 }
 
 

@@ -32,6 +32,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     # Seconds to wait for the scenario's number of nodes to connect (deployment) before starting
     # with those that did; the clients' data is then split into that many shards.
     "node-wait": 30.0,
+    # Fewest clients whose results a round needs: rounds go on without clients that crash, time
+    # out or disconnect (the report's extra["dropped"] names them) while at least this many answer.
+    "min-clients": 1,
     # Sampling methods (ecos, oracle, random, kcenter, in-domain)
     "budget": 500,
     "num-centroids": 50,
@@ -47,6 +50,34 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "pca-components": 64,
     "cloud-epochs": 30,
     "application": "supervised",
+    # Applications (see strategies/*-semi, *-distill, *-knn, ecos-finetune, dp-linear-probe).
+    # semi-supervised: pseudo-labelling rounds, confidence threshold, epochs per round, and how
+    # many unlabelled pool samples to draw (0: all).
+    "semi-rounds": 2,
+    "semi-threshold": 0.95,
+    "semi-epochs": 3,
+    "semi-max-unlabelled": 4000,
+    # distill (and dp-linear-probe's backbone): the model trained on the whole labelled pool, its
+    # epochs, and the distillation temperature.
+    "teacher-model": "wide-cnn",
+    "teacher-epochs": 3,
+    "distill-temperature": 4.0,
+    # private-knn: neighbours, vote mode (query: sensitivity sqrt(2n); capped: sqrt(k)), epsilon
+    # of the vote release per client, and the kept-sample threshold in aggregate-noise stds.
+    "knn-k": 30,
+    "knn-mode": "capped",
+    "knn-epsilon": 1.0,
+    "knn-threshold": 2.0,
+    # Feature map the clients label in: run (the run's extractor, ECOS's phi) | supervised |
+    # random | pca (a map of its own, fitted on the public pool and shipped with the query).
+    "knn-extractor": "run",
+    # DP last-layer fine-tuning on the clients before evaluation (> 0: on, at this epsilon):
+    # full-batch DP-SGD steps, clipping norm, learning rate, head init zero | received.
+    "finetune-epsilon": 0.0,
+    "finetune-steps": 100,
+    "finetune-clip": 1.0,
+    "finetune-lr": 1.0,
+    "finetune-init": "zero",
     "feature-cache": "",
     "timeout": 3600.0,
     # DSSGD: local epochs per participant (server rounds are derived), schedule, up/download

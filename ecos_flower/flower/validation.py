@@ -6,11 +6,16 @@ reply cannot change it.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from numpy.lib import format as npy_format
+
+# Kinds of numpy dtype a peer may send: bool, integers, floats. Never objects, strings, structs.
+NUMERIC_KINDS = "biuf"
 
 
 class InvalidReplyError(ValueError):
@@ -20,6 +25,50 @@ class InvalidReplyError(ValueError):
         super().__init__(f"node {node_id}: {problem}")
         self.node_id = node_id
         self.problem = problem
+
+
+def checked_numpy(array: Array, max_elements: int, what: str = "array") -> np.ndarray:
+    """Decode a peer's Array only after reading its .npy header: numeric dtype, at most
+    `max_elements` elements, and exactly as many data bytes as the header declares.
+
+    numpy.load pre-allocates the whole declared shape before reading the bytes, so a payload of a
+    few hundred bytes declaring 10^9 elements would allocate gigabytes; this check refuses it
+    first (ValueError naming the problem). Returns a fresh, writable numpy array."""
+    if not isinstance(array, Array):
+        raise ValueError(f"{what} is a {type(array).__name__}, not an Array")
+    if array.stype != "numpy.ndarray":
+        raise ValueError(f"{what} has serialisation type {array.stype!r}, expected numpy.ndarray")
+    data = array.data
+    if not isinstance(data, bytes):
+        raise ValueError(f"{what} carries no bytes")
+    buffer = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(buffer, max_header_size=1024)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(buffer, max_header_size=1024)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except Exception as exc:  # a header that does not parse
+        raise ValueError(f"{what} does not decode as an array: {exc}") from exc
+    if dtype.kind not in NUMERIC_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise ValueError(f"{what} has dtype {dtype}, expected a numeric dtype")
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or len(shape) > 8:
+        raise ValueError(f"{what} declares an invalid shape {shape}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ValueError(
+            f"{what} declares shape {shape}: {count} elements exceed the maximum {max_elements}"
+        )
+    body = len(data) - buffer.tell()
+    if body != count * dtype.itemsize:
+        raise ValueError(
+            f"{what} declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes) but "
+            f"carries {body} bytes"
+        )
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return np.array(values.reshape(shape, order="F" if fortran else "C"), copy=True)
 
 
 def reply_record(reply: Message, key: str, kind: type) -> object:
@@ -38,22 +87,23 @@ def reply_record(reply: Message, key: str, kind: type) -> object:
     return record
 
 
-def single_array(reply: Message, key: str) -> np.ndarray:
-    """The one array inside ArrayRecord `key` of a reply, as a fresh numpy array."""
+def single_array(reply: Message, key: str, max_elements: int = 10**8) -> np.ndarray:
+    """The one array inside ArrayRecord `key` of a reply, as a fresh numpy array; its declared
+    size is checked (at most `max_elements`) before anything is allocated for it."""
     record = reply_record(reply, key, ArrayRecord)
     node = reply.metadata.src_node_id
     if len(record) != 1:
         raise InvalidReplyError(node, f"{key!r} holds {len(record)} arrays, expected 1")
     try:
-        return np.array(next(iter(record.values())).numpy(), copy=True)
-    except Exception as exc:  # a payload that does not decode as an array
-        raise InvalidReplyError(node, f"{key!r} does not decode as an array: {exc}") from exc
+        return checked_numpy(next(iter(record.values())), max_elements, repr(key))
+    except ValueError as exc:
+        raise InvalidReplyError(node, str(exc)) from exc
 
 
 def float_vector(reply: Message, key: str, length: int) -> np.ndarray:
     """A finite floating-point vector of exactly `length` entries (float64 copy)."""
     node = reply.metadata.src_node_id
-    values = single_array(reply, key)
+    values = single_array(reply, key, max_elements=length)
     if values.dtype.kind != "f":
         raise InvalidReplyError(node, f"{key!r} has dtype {values.dtype}, expected floating point")
     if values.shape != (length,):
@@ -151,7 +201,6 @@ def drop_events(
 def too_few_message(what: str, got: int, minimum: int, events: Iterable[dict]) -> str:
     """Why a round cannot go on: fewer results than the run's `min-clients`, and who dropped."""
     listed = "; ".join(f"node {e['node']}: {e['reason']}" for e in list(events)[:10])
-    return (
-        f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}"
-        + (f"; dropped: {listed}" if listed else "")
+    return f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}" + (
+        f"; dropped: {listed}" if listed else ""
     )

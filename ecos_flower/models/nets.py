@@ -82,7 +82,7 @@ class PaperCNN(nn.Module):
         return self.head(self.conv(x))
 
 
-MODEL_NAMES = ("small-cnn", "paper-mlp", "paper-cnn")
+MODEL_NAMES = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn")
 
 
 def build_model(
@@ -103,6 +103,8 @@ def build_model(
             return build_model(name, num_classes, in_channels, image_size)
     if name == "small-cnn":
         return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    if name == "wide-cnn":  # a larger model (4x the embedding): a distillation teacher
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels, embedding_dim=512)
     if name == "paper-mlp":
         return PaperMLP(num_classes, in_channels, image_size)
     if name == "paper-cnn":
