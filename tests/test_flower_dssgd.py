@@ -19,6 +19,7 @@ import ecos_flower.flower.dssgd_client as dssgd_client
 from ecos_flower.client_app import app as client_app
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import ParameterServer, SparseUpdate, flatten_params, upload_count
+from ecos_flower.dssgd.server import fraction_count
 from ecos_flower.flower.dssgd_client import STATE_INFO, STATE_PARAMS, seeded_model
 from ecos_flower.flower.dssgd_run import make_strategy
 from ecos_flower.flower.inprocess import InProcessGrid, set_server_identity
@@ -72,12 +73,13 @@ def test_dssgd_flow_reports_local_and_server_accuracy_and_sparse_traffic(scenari
     for node in grid.node_ids:
         info = grid.contexts[node].state[STATE_INFO]
         assert int(info["steps"]) == 2 and int(info["num-params"]) == extra["num-params"]
-    # theta_u = 0.1 up (int64 index + float32 value) vs the full download (theta_d = 1).
+    # theta_u = 0.1 up (int64 index + float32 value) vs the full download (theta_d = 1: the
+    # float32 values alone, in index order).
     n = extra["num-params"]
     for sizes in extra["bytes-per-round"].values():
         assert sizes["rounds"] == 2
         assert 12 * upload_count(0.1, n) < sizes["up"] < 12 * upload_count(0.1, n) + 2_000
-        assert 12 * n < sizes["down"] < 12 * n + 4_000
+        assert 4 * n < sizes["down"] < 4 * n + 4_000
 
 
 def test_the_next_step_starts_from_the_local_model_kept_in_state(scenario, monkeypatch):
@@ -335,15 +337,17 @@ def _download(indices, values):
     [
         ("theta-u", 0.0, None, "theta-u=0 must lie in (0, 1]"),
         ("theta-d", 1.5, None, "theta-d=1.5 must lie in (0, 1]"),
-        ("num-params", 12, None, "download indices have shape"),
+        ("num-params", 12, None, "elements exceed the maximum 12"),
         ("num-params", 10**12, None, "num-params=1e+12 must be an integer"),
         ("upload-mode", "everything", None, "unknown upload-mode"),
         ("dp-epsilon", -1.0, None, "dp-epsilon=-1.0 must be"),
         ("tau", float("nan"), None, "tau=nan"),
-        ("theta-d", 0.5, None, "expected (N,)"),
-        (None, None, "range", "bad download: index"),
-        (None, None, "nan", "bad download: values must be finite"),
-        (None, None, "dtype", "expected int64/float32"),
+        ("theta-d", 0.5, None, "expected indices and values"),
+        ("theta-d", 0.99, "range", "bad download: index"),
+        ("theta-d", 0.99, "nan", "bad download: values must be finite"),
+        ("theta-d", 0.99, "dtype", "expected int64/float32"),
+        (None, None, "dense-nan", "bad download: values must be finite"),
+        (None, None, "dense-dtype", "expected (N,) float32"),
     ],
 )
 def test_the_participant_refuses_absurd_tasks_before_any_work(
@@ -351,16 +355,23 @@ def test_the_participant_refuses_absurd_tasks_before_any_work(
 ):
     strategy, grid, config = _setup(scenario, 1)
     n = strategy.server.num_params
+    m = fraction_count(0.99, n)  # a partial download: indices and values
     payload = None
     if download == "range":
-        payload = _download(np.r_[np.arange(n - 1), n], np.zeros(n, np.float32))
+        payload = _download(np.r_[np.arange(m - 1), n], np.zeros(m, np.float32))
     elif download == "nan":
-        payload = _download(np.arange(n), np.r_[np.float32(np.nan), np.zeros(n - 1, np.float32)])
+        payload = _download(np.arange(m), np.r_[np.float32(np.nan), np.zeros(m - 1, np.float32)])
     elif download == "dtype":
-        payload = _download(np.arange(n, dtype=np.int32), np.zeros(n, np.float32))
+        payload = _download(np.arange(m, dtype=np.int32), np.zeros(m, np.float32))
+    elif download == "dense-nan":  # theta_d = 1: the values alone
+        payload = ArrayRecord(
+            {"values": Array(np.r_[np.float32(np.nan), np.zeros(n - 1, np.float32)])}
+        )
+    elif download == "dense-dtype":
+        payload = ArrayRecord({"values": Array(np.zeros(n, np.float64))})
     message = _task_message(strategy, grid, config, field, value, payload)
-    if reason == "expected (N,)":
-        reason = f"expected ({math.ceil(0.5 * n)},)"
+    if reason == "expected (N,) float32":
+        reason = f"expected ({n},) float32"
     context = grid.contexts[grid.node_ids[0]]
     reply = dssgd_client.handle_dssgd_train(message, context)
     assert "refusal" in reply.content

@@ -137,10 +137,28 @@ def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
     record = msg.content.get("download")
     if not isinstance(record, ArrayRecord):
         raise TaskRejected("task has no ArrayRecord 'download'")
-    if sorted(record.keys()) != ["indices", "values"]:
-        raise TaskRejected(f"download holds {sorted(record.keys())}, expected indices and values")
     num_params = int(task["num-params"])
     expected = fraction_count(float(task["theta-d"]), num_params)
+    dense = expected == num_params  # a full download carries the values alone, in index order
+    names = ["values"] if dense else ["indices", "values"]
+    if sorted(record.keys()) != names:
+        raise TaskRejected(
+            f"download holds {sorted(record.keys())}, expected {' and '.join(names)}"
+        )
+    if dense:
+        try:
+            values = checked_numpy(record["values"], expected, "download values")
+        except ValueError as exc:
+            raise TaskRejected(str(exc)) from exc
+        if values.shape != (expected,) or values.dtype != np.float32:
+            raise TaskRejected(
+                f"download values have shape {values.shape} and dtype {values.dtype}, "
+                f"expected ({expected},) float32"
+            )
+        try:
+            return validate_sparse_update(np.arange(num_params, dtype=np.int64), values, num_params)
+        except InvalidUpdateError as exc:
+            raise TaskRejected(f"bad download: {exc}") from exc
     for name in ("indices", "values"):
         shape = tuple(record[name].shape)
         if shape != (expected,):

@@ -202,12 +202,19 @@ class DSSGDStrategy(Strategy):
         ParameterServer (the `arrays` argument is not used: DSSGD never sends the dense model to
         train), the task settings and the client config."""
         download = self.server.download(self.theta_d)
-        record = ArrayRecord(
-            {
-                "indices": Array(np.ascontiguousarray(download.indices, dtype=np.int64)),
-                "values": Array(np.ascontiguousarray(download.values, dtype=np.float32)),
-            }
-        )
+        if len(download.indices) == self.server.num_params:
+            # theta_d = 1: every parameter, so send the values alone in index order (the indices
+            # would be two thirds of the bytes and say nothing).
+            dense = np.empty(self.server.num_params, dtype=np.float32)
+            dense[download.indices] = download.values
+            record = ArrayRecord({"values": Array(dense)})
+        else:
+            record = ArrayRecord(
+                {
+                    "indices": Array(np.ascontiguousarray(download.indices, dtype=np.int64)),
+                    "values": Array(np.ascontiguousarray(download.values, dtype=np.float32)),
+                }
+            )
         messages = []
         self._scheduled = set()
         for node in self.scheduled_nodes(server_round, grid.get_node_ids()):
