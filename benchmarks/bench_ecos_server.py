@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from ecos_flower.ecos import EcosSampler, compress
 
@@ -97,7 +98,19 @@ def bench_decompress(n: int, d: int, k: int, budget: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS/OpenMP and torch threads (the apps use 1: no oversubscription)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch threads "
         f"{torch.get_num_threads()}, numpy {np.__version__}, torch {torch.__version__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,14 @@ def flwr_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("FLWR_HOME", str(home / ".flwr"))
     return home
+
+
+@pytest.fixture()
+def app_dir(tmp_path) -> Path:
+    """A copy of the Flower App for `flwr run` (it may rewrite pyproject.toml: never the repo's)."""
+    target = tmp_path / "app"
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"
+    )
+    shutil.copytree(PROJECT_ROOT, target, ignore=ignore)
+    return target

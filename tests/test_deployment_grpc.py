@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,22 +10,7 @@ from flower_helpers import tiny_scenario
 
 from ecos_flower.flower.local_deployment import LocalDeployment, _descendants
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.deployment
-
-
-@pytest.fixture()
-def app_dir(tmp_path):
-    """A copy of the Flower App (flwr run may rewrite pyproject.toml; never touch the repo's)."""
-    target = tmp_path / "app"
-    shutil.copytree(
-        PROJECT_ROOT,
-        target,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"
-        ),
-    )
-    return target
 
 
 def test_ecos_runs_over_grpc_with_two_supernodes_and_per_node_budgets(tmp_path, app_dir):

@@ -6,7 +6,6 @@ try to join and are refused."""
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
 from pathlib import Path
 
@@ -21,22 +20,7 @@ from ecos_flower.flower.local_deployment import (
     wait_for_log,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.deployment
-
-
-@pytest.fixture()
-def app_dir(tmp_path):
-    """A copy of the Flower App (flwr run may rewrite pyproject.toml; never touch the repo's)."""
-    target = tmp_path / "app"
-    shutil.copytree(
-        PROJECT_ROOT,
-        target,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "tests", "__pycache__", "*.egg-info", "results", "*.png", ".ecos-cache"
-        ),
-    )
-    return target
 
 
 def test_generated_certificates_verify_for_loopback(tmp_path):

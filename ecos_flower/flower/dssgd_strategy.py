@@ -32,6 +32,7 @@ from ecos_flower.dssgd import (
 )
 from ecos_flower.flower.validation import (
     InvalidReplyError,
+    answers,
     checked_numpy,
     first_reply_per_node,
     metric,
@@ -356,15 +357,8 @@ class DSSGDStrategy(Strategy):
     ) -> MetricRecord | None:
         """Record each node's local and server-model accuracy (validated: numbers in [0, 1]);
         return their means."""
-        kept, duplicates = first_reply_per_node(replies)
-        self._reject_all(duplicates)
-        for reply in kept:
+        for reply in answers(replies, self._reject_all, self.refused, "to evaluate"):
             node = reply.metadata.src_node_id
-            reason = refusal(reply)
-            if reason is not None:
-                self.refused[node] = reason
-                log(WARNING, "node %s refused to evaluate: %s", node, reason)
-                continue
             try:
                 accuracy = metric(reply, "accuracy", low=0.0, high=1.0)
                 server_accuracy = metric(reply, "server-accuracy", low=0.0, high=1.0)

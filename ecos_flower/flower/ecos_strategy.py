@@ -23,10 +23,10 @@ from flwr.supercore import log
 from ecos_flower.ecos import FeatureExtractor, aggregate_scores
 from ecos_flower.flower.validation import (
     InvalidReplyError,
+    answers,
     first_reply_per_node,
     float_vector,
     metric,
-    refusal,
 )
 
 
@@ -133,15 +133,8 @@ class EcosStrategy(Strategy):
     ) -> np.ndarray | None:
         """Validate every reply, keep the good ones, and return the aggregated (thresholded)
         scores, or None if no client answered validly."""
-        kept, duplicates = first_reply_per_node(replies)
-        self._reject_all(duplicates)
-        for reply in kept:
+        for reply in answers(replies, self._reject_all, self.refused, "the ECOS query"):
             node = reply.metadata.src_node_id
-            reason = refusal(reply)
-            if reason is not None:
-                self.refused[node] = reason
-                log(WARNING, "node %s refused the ECOS query: %s", node, reason)
-                continue
             try:
                 scores = float_vector(reply, "scores", num_centroids)
                 client = int(metric(reply, "partition-id", low=0))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.supercore import log
 from numpy.lib import format as npy_format
 
 # Kinds of numpy dtype a peer may send: bool, integers, floats. Never objects, strings, structs.
@@ -204,3 +206,24 @@ def too_few_message(what: str, got: int, minimum: int, events: Iterable[dict]) -
     return f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}" + (
         f"; dropped: {listed}" if listed else ""
     )
+
+
+def answers(
+    replies: Iterable[Message],
+    reject: Callable[[list[InvalidReplyError]], None],
+    refused: dict[int, str],
+    action: str,
+) -> list[Message]:
+    """Each node's first reply that is not a refusal. Later replies from the same node go to
+    `reject`; refusals (e.g. a spent privacy budget) are recorded in `refused` and logged."""
+    kept, duplicates = first_reply_per_node(replies)
+    reject(duplicates)
+    answered = []
+    for reply in kept:
+        reason = refusal(reply)
+        if reason is not None:
+            refused[reply.metadata.src_node_id] = reason
+            log(WARNING, "node %s refused %s: %s", reply.metadata.src_node_id, action, reason)
+            continue
+        answered.append(reply)
+    return answered
