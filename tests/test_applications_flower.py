@@ -215,16 +215,17 @@ def test_finetuning_past_the_budget_reports_the_received_model(scenario, tmp_pat
     assert len(_ledger(tmp_path, 0)["releases"]) == 1  # only the ECOS query
 
 
-@pytest.mark.parametrize("application", ["semi-supervised", "distill"])
+@pytest.mark.parametrize("application", ["semi-supervised", "near-selection", "distill"])
 def test_cloud_applications_cost_nothing_beyond_the_selection(scenario, application):
+    unlabelled = "near-selection" if application == "near-selection" else "pool"
     report, _ = run_tiny(
         scenario,
         method="random",
-        application=application,
-        **{"teacher-epochs": 1, "semi-max-unlabelled": 300},
+        application="semi-supervised" if application == "near-selection" else application,
+        **{"teacher-epochs": 1, "semi-max-unlabelled": 300, "semi-unlabelled": unlabelled},
     )
     assert report.epsilon == 0.0 and sorted(report.accuracy_per_client) == [0, 1, 2]
-    if application == "semi-supervised":
+    if application != "distill":
         assert len(report.extra["pseudo-labelled"]) >= 1
     else:
         assert report.extra["distill-loss"] >= 0

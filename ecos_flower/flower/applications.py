@@ -91,15 +91,43 @@ def _task_model(context: SelectionContext) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------- 1. semi-supervised
+def _nearest_to_selection(context: SelectionContext, rest: np.ndarray, limit: int) -> np.ndarray:
+    """The `limit` unselected pool samples closest (in the run's feature space) to any selected
+    sample: unlabelled data like the proxy set, for every selection method alike."""
+    from ecos_flower.ecos import cached_features
+    from ecos_flower.flower.sampling_run import build_extractor
+
+    features = context.features
+    if features is None:
+        config = context.config
+        extractor = context.extractor or build_extractor(config, context.federation)
+        cache = config["feature-cache"] or None
+        features = cached_features(extractor, context.federation.pool.images, cache, key="pool")
+    chosen = np.asarray(features[context.selected], dtype=np.float32)
+    distance = np.full(len(rest), np.inf, dtype=np.float32)
+    for start in range(0, len(chosen), 512):
+        block = chosen[start : start + 512]
+        candidates = np.asarray(features[rest], dtype=np.float32)
+        d2 = (candidates**2).sum(1)[:, None] - 2.0 * candidates @ block.T + (block**2).sum(1)
+        distance = np.minimum(distance, d2.min(axis=1))
+    return np.sort(rest[np.argsort(distance, kind="stable")[:limit]])
+
+
 def train_semi_supervised(context: SelectionContext) -> torch.nn.Module:
-    """Label outsourcing + pseudo-labelling: the selection with its (outsourced) labels, plus the
-    unlabelled rest of the pool (a seeded subsample of `semi-max-unlabelled`)."""
+    """Label outsourcing + pseudo-labelling: the selection with its (outsourced) labels, plus
+    `semi-max-unlabelled` samples of the unlabelled rest of the pool: a seeded random draw
+    (`semi-unlabelled` = pool) or those nearest to the selection (near-selection)."""
     config, pool = context.config, context.federation.pool
     seed = int(config["seed"])
     chosen = torch.as_tensor(context.selected, dtype=torch.long)
     rest = np.setdiff1d(np.arange(len(pool)), context.selected)
     limit = int(config["semi-max-unlabelled"])
-    if 0 < limit < len(rest):
+    source = str(config["semi-unlabelled"])
+    if source == "near-selection" and 0 < limit < len(rest):
+        rest = _nearest_to_selection(context, rest, limit)
+    elif source not in ("pool", "near-selection"):
+        raise ValueError(f"semi-unlabelled {source!r}: choose pool or near-selection")
+    elif 0 < limit < len(rest):
         rest = np.sort(np.random.default_rng(seed).choice(rest, size=limit, replace=False))
     rest_t = torch.as_tensor(rest, dtype=torch.long)
     model = _task_model(context)

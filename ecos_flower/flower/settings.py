@@ -57,6 +57,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "semi-threshold": 0.95,
     "semi-epochs": 3,
     "semi-max-unlabelled": 4000,
+    # Which unlabelled samples: pool (a random draw) | near-selection (closest to the selection).
+    "semi-unlabelled": "pool",
     # distill (and dp-linear-probe's backbone): the model trained on the whole labelled pool, its
     # epochs, and the distillation temperature.
     "teacher-model": "wide-cnn",
