@@ -25,31 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ecos_flower.client_app import app as client_app  # noqa: E402
+from ecos_flower.data.examples import write_tiny_scenario  # noqa: E402
 from ecos_flower.flower.inprocess import InProcessGrid, run_in_process  # noqa: E402
 from ecos_flower.flower.settings import merge_run_config  # noqa: E402
 from ecos_flower.server_app import make_server_app  # noqa: E402
-
-SCENARIO = """
-seed = 0
-image-size = 8
-channels = 1
-client-domain = "inverted"
-num-clients = {num_clients}
-share = 0.5
-test-fraction = 0.25
-partition = "iid"
-pool-domains = ["plain", "inverted"]
-
-[[domains]]
-name = "plain"
-loader = "embedded"
-variant = "plain"
-
-[[domains]]
-name = "inverted"
-loader = "embedded"
-variant = "inverted"
-"""
 
 
 def rss_mb() -> float:
@@ -91,8 +70,7 @@ class MeasuredGrid(InProcessGrid):
 
 
 def run(label: str, num_clients: int, rows: list, folder: Path, **overrides) -> float:
-    scenario = folder / f"scenario-{num_clients}.toml"
-    scenario.write_text(SCENARIO.format(num_clients=num_clients))
+    scenario = write_tiny_scenario(folder / f"clients-{num_clients}", num_clients)
     config = merge_run_config(
         {"scenario": str(scenario), "node-wait": 0.0, "torch-threads": 1}, overrides
     )

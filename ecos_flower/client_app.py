@@ -21,11 +21,13 @@ app = ClientApp()
 
 
 def timed(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Add the handler's wall time to its reply as metric `compute-s` (client compute cost)."""
+    """Run the handler with the run's torch thread count (config `torch-threads`) and add its wall
+    time to the reply as metric `compute-s` (the client's compute cost)."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
+        set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
         reply = handler(msg, context)
         if reply.has_content() and isinstance(reply.content.get("metrics"), MetricRecord):
             reply.content["metrics"]["compute-s"] = time.perf_counter() - start
@@ -49,7 +51,6 @@ def _task_model(config, shard):  # noqa: ANN001, ANN202 - ConfigRecord, ClientSh
 def train(msg: Message, context: Context) -> Message:
     """FedAvg local training: load the global model, train on the local shard, return it."""
     config = msg.content["config"]
-    set_torch_threads(int(config.get("torch-threads", 1)))
     shard = client_shard(config, context.node_config)
     model = _task_model(config, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -73,7 +74,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the model the server sent on this client's own test split."""
     config = msg.content["config"]
-    set_torch_threads(int(config.get("torch-threads", 1)))
     shard = client_shard(config, context.node_config)
     model = _task_model(config, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -95,7 +95,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 @timed
 def ecos_query(msg: Message, context: Context) -> Message:
     """ECOS: noisy coverage counts of this client's data for the server's centroids."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_ecos_query(msg, context)
 
 
@@ -103,7 +102,6 @@ def ecos_query(msg: Message, context: Context) -> Message:
 @timed
 def dssgd_train(msg: Message, context: Context) -> Message:
     """DSSGD: one participant step on the local model kept in this node's state."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_dssgd_train(msg, context)
 
 
@@ -111,7 +109,6 @@ def dssgd_train(msg: Message, context: Context) -> Message:
 @timed
 def dssgd_evaluate(msg: Message, context: Context) -> Message:
     """DSSGD: score the local model and the server's global model on the local test split."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_dssgd_evaluate(msg, context)
 
 
@@ -126,7 +123,6 @@ def dp_fedavg_train(msg: Message, context: Context) -> Message:
 @timed
 def local_train(msg: Message, context: Context) -> Message:
     """Reference point `local`: train alone on the own shard, report test accuracy only."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_local_training(msg, context)
 
 
@@ -141,7 +137,6 @@ def upload_data(msg: Message, context: Context) -> Message:
 @timed
 def knn_query(msg: Message, context: Context) -> Message:
     """Private kNN labelling: noisy label votes for the server's selected samples."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_knn_query(msg, context)
 
 
@@ -149,5 +144,4 @@ def knn_query(msg: Message, context: Context) -> Message:
 @timed
 def finetune_evaluate(msg: Message, context: Context) -> Message:
     """DP last-layer fine-tuning of the received model, then test accuracy."""
-    set_torch_threads(int(msg.content["config"].get("torch-threads", 1)))
     return handle_finetune_evaluate(msg, context)

@@ -6,32 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from ecos_flower.client_app import app as client_app
+from ecos_flower.data.examples import write_tiny_scenario
 from ecos_flower.flower.inprocess import InProcessGrid, run_in_process
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.settings import merge_run_config
 from ecos_flower.server_app import make_server_app
-
-TINY_SCENARIO = """
-seed = 0
-image-size = 8
-channels = 1
-client-domain = "inverted"
-num-clients = {num_clients}
-share = 0.5
-test-fraction = 0.25
-partition = "iid"
-pool-domains = ["plain", "inverted"]
-
-[[domains]]
-name = "plain"
-loader = "embedded"
-variant = "plain"
-
-[[domains]]
-name = "inverted"
-loader = "embedded"
-variant = "inverted"
-"""
 
 FAST = {
     "num-server-rounds": 1,
@@ -46,9 +25,7 @@ FAST = {
 
 def tiny_scenario(folder: Path, num_clients: int = 3) -> Path:
     """Write a two-domain embedded scenario with 8x8 images; returns its path."""
-    path = folder / "tiny.toml"
-    path.write_text(TINY_SCENARIO.format(num_clients=num_clients))
-    return path
+    return write_tiny_scenario(folder, num_clients)
 
 
 def run_tiny(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecos_flower.models import train_epochs
+from ecos_flower.models import batched_apply, train_epochs
 
 
 def train_teacher(
@@ -36,14 +36,6 @@ def train_teacher(
     return teacher.eval()
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, device: str) -> torch.Tensor:
-    model.to(device).eval()
-    return torch.cat(
-        [model(images[i : i + 1024].to(device)).cpu() for i in range(0, len(images), 1024)]
-    )
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -69,7 +61,8 @@ def distill(
         raise ValueError("cannot distil on an empty set")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    targets = F.softmax(_logits(teacher, images, device) / temperature, dim=1)
+    logits = batched_apply(teacher.to(device).eval(), images, device=device)
+    targets = F.softmax(logits / temperature, dim=1)
     student.to(device).train()
     optimiser = torch.optim.SGD(student.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ecos_flower.models import batched_apply
 from ecos_flower.privacy import _opacus  # noqa: F401  (imports Opacus without its logging side effect)
 
 
@@ -39,18 +40,12 @@ class FinetuneResult:
         return self.noise_multiplier / math.sqrt(self.steps)
 
 
-@torch.no_grad()
 def head_features(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 512, device: str = "cpu"
 ) -> torch.Tensor:
     """The frozen extractor's output (the head's input): `model.embed`, batched."""
     model.to(device).eval()
-    return torch.cat(
-        [
-            model.embed(images[i : i + batch_size].to(device)).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    return batched_apply(model.embed, images, batch_size=batch_size, device=device)
 
 
 def make_private_head(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ecos_flower.models import train_epochs
+from ecos_flower.models import batched_apply, train_epochs
 
 
 @dataclass
@@ -25,17 +25,12 @@ class PseudoLabelStats:
     correct: list[int] = field(default_factory=list)
 
 
-@torch.no_grad()
 def predict_proba(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device: str = "cpu"
 ) -> torch.Tensor:
     """Softmax probabilities of `model` on `images` (n, classes)."""
-    model.to(device).eval()
-    out = [
-        torch.softmax(model(images[i : i + batch_size].to(device)), dim=1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
+    logits = batched_apply(model.to(device).eval(), images, batch_size=batch_size, device=device)
+    return torch.softmax(logits, dim=1) if len(logits) else logits
 
 
 def pseudo_label_train(

@@ -1,12 +1,18 @@
 """Task models, feature extractors and their train/evaluate loops (pure torch, no Flower)."""
 
 from ecos_flower.models.nets import PaperCNN, PaperMLP, SmallCNN, build_model
-from ecos_flower.models.training import evaluate_accuracy, set_torch_threads, train_epochs
+from ecos_flower.models.training import (
+    batched_apply,
+    evaluate_accuracy,
+    set_torch_threads,
+    train_epochs,
+)
 
 __all__ = [
     "PaperCNN",
     "PaperMLP",
     "SmallCNN",
+    "batched_apply",
     "build_model",
     "evaluate_accuracy",
     "set_torch_threads",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -75,3 +77,20 @@ def evaluate_accuracy(
         loss += loss_fn(logits, y).item()
         correct += (logits.argmax(dim=1) == y).sum().item()
     return correct / len(images), loss / len(images)
+
+
+@torch.no_grad()
+def batched_apply(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """`forward` (a model in eval mode, or e.g. its `embed`) over `images` in batches on `device`;
+    outputs concatenated on the CPU (an empty tensor for no images)."""
+    outputs = [
+        forward(images[i : i + batch_size].to(device)).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty(0)
