@@ -20,7 +20,7 @@ APPLICATION_PRESETS = (
     *("ecos-semi", "random-semi", "kcenter-semi"),
     *("ecos-distill", "random-distill", "kcenter-distill"),
     *("ecos-knn", "random-knn", "kcenter-knn"),
-    *("ecos-finetune", "dp-linear-probe"),
+    *("ecos-finetune", "ecos-finetune-fc", "ecos-finetune-ls", "dp-linear-probe"),
 )
 
 
@@ -183,25 +183,65 @@ def test_bad_vote_replies_are_rejected_naming_the_node(make, expected):
     assert strategy.epsilon_spent == {}
 
 
-@pytest.mark.parametrize("method", ["ecos", "dp-linear-probe"])
-def test_dp_finetuning_is_charged_and_reported(scenario, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "finetune"),
+    [
+        ("ecos", "dp-sgd"),
+        ("ecos", "dp-least-squares"),
+        ("ecos", "dp-fc"),
+        ("dp-linear-probe", "dp-sgd"),
+        ("dp-linear-probe", "dp-fc"),
+    ],
+)
+def test_dp_finetuning_is_charged_and_reported(scenario, tmp_path, method, finetune):
     grid, _ = _ledger_grid(tmp_path)
     report, _ = run_tiny(
         scenario,
         grid=grid,
         method=method,
-        **{"finetune-epsilon": 0.8, "finetune-steps": 5, "teacher-epochs": 1},
+        **{
+            "finetune-epsilon": 0.8,
+            "finetune-method": finetune,
+            "finetune-steps": 5,
+            "teacher-epochs": 1,
+        },
     )
     assert sorted(report.accuracy_per_client) == [0, 1, 2]
     assert 0.75 <= report.extra["finetune-epsilon-opacus"] <= 0.8
     assert 0 <= report.extra["accuracy-before-finetune"] <= 1
+    assert report.extra["finetune-refused"] == {}
     for client in range(3):
         stored = _ledger(tmp_path, client)
-        assert stored["releases"][-1]["note"].startswith("DP head fine-tuning (5 full-batch")
+        assert stored["releases"][-1]["note"].startswith(f"DP head fine-tuning ({finetune}, 5")
         assert report.epsilon_per_client[client] == pytest.approx(stored["epsilon_spent"])
     if method == "dp-linear-probe":
         # One release whose Opacus (RDP) epsilon is 0.8; exact Gaussian composition is tighter.
         assert report.epsilon <= 0.8
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("finetune-method", "dp-magic", "unknown method 'dp-magic'"),
+        ("finetune-covariance-share", 1.5, "covariance-share=1.5 must lie in (0, 1)"),
+        ("finetune-ridge", -1.0, "ridge=-1.0 must be a positive"),
+        ("finetune-init", "pretrained", "init='pretrained' must be"),
+    ],
+)
+def test_bad_finetuning_settings_are_refused_before_any_charge(
+    scenario, tmp_path, setting, value, problem
+):
+    grid, _ = _ledger_grid(tmp_path)
+    report, _ = run_tiny(
+        scenario,
+        grid=grid,
+        method="random",
+        **{"finetune-epsilon": 0.5, "finetune-method": "dp-fc", setting: value},
+    )
+    assert sorted(report.extra["finetune-refused"]) == ["0", "1", "2"]
+    assert problem in report.extra["finetune-refused"]["1"]
+    assert report.epsilon == 0.0
+    assert not (tmp_path / "ledger-0.json").exists()  # nothing was charged
 
 
 def test_finetuning_past_the_budget_reports_the_received_model(scenario, tmp_path):

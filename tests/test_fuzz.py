@@ -42,14 +42,21 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.logger import LOGGER_NAME
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from ecos_flower.applications import KNN_MODES
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import flatten_params, upload_count
 from ecos_flower.ecos import compress, make_extractor
 from ecos_flower.flower import dssgd_client, ecos_client
+from ecos_flower.flower.application_client import (
+    FINETUNE_METHODS,
+    check_knn_query,
+    read_finetune_spec,
+)
+from ecos_flower.flower.applications import finetune_record
 from ecos_flower.flower.dssgd_client import TaskRejected, seeded_model
 from ecos_flower.flower.dssgd_strategy import DSSGDStrategy
 from ecos_flower.flower.ecos_client import QueryRejected
@@ -849,3 +856,73 @@ def test_checked_numpy_round_trips_what_flower_encodes():
         np.testing.assert_array_equal(checked_numpy(Array(array), array.size), array)
     with pytest.raises(ValueError, match="carries"):
         checked_numpy(_forged("float64", (3,), 8), 10)
+
+
+# ----------------------------------------------------------------- DP fine-tuning requests
+FINETUNE_FIELDS = [
+    "method",
+    "epsilon",
+    "delta",
+    "steps",
+    "clip",
+    "learning-rate",
+    "init",
+    "ridge",
+    "covariance-share",
+    "floor",
+    "feature-scale",
+]
+
+
+class _DefaultNode:
+    node_config: dict = {}
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_finetune_requests_parse_within_bounds_or_are_refused(data):
+    """Whatever the server sends in `finetune`, the node either gets settings inside its bounds
+    or refuses with QueryRejected (which becomes a refusal reply), never another exception."""
+    config = merge_run_config({"finetune-epsilon": 1.0, "finetune-method": "dp-fc"})
+    values = dict(finetune_record(config, 3.0))
+    for key in data.draw(st.lists(st.sampled_from(FINETUNE_FIELDS), max_size=4, unique=True)):
+        if data.draw(st.booleans()):
+            values.pop(key, None)
+        else:
+            values[key] = data.draw(config_value)
+    record = _config_record(values)
+    assume(record is not None)
+    try:
+        spec = read_finetune_spec(record, _DefaultNode())
+    except QueryRejected:
+        return
+    assert spec.method in FINETUNE_METHODS and spec.init in ("zero", "received")
+    assert math.isfinite(spec.epsilon) and spec.epsilon > 0 and 0 < spec.delta < 1
+    assert 1 <= spec.steps <= 10_000 and 0 < spec.covariance_share < 1
+    for value in (spec.clip, spec.learning_rate, spec.ridge, spec.floor, spec.feature_scale):
+        assert math.isfinite(value) and value > 0
+
+
+KNN_FIELDS = ["num-queries", "dim", "k", "mode", "num-classes", "epsilon", "delta"]
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_knn_queries_are_checked_or_refused(data):
+    """Same contract for `query.knn`: checked fields, or QueryRejected, nothing else."""
+    features = np.zeros((4, 3), dtype=np.float64)
+    values = {"num-queries": 4, "dim": 3, "k": 2, "mode": "capped", "num-classes": 10}
+    values |= {"epsilon": 1.0, "delta": 1e-5}
+    for key in data.draw(st.lists(st.sampled_from(KNN_FIELDS), max_size=3, unique=True)):
+        if data.draw(st.booleans()):
+            values.pop(key, None)
+        else:
+            values[key] = data.draw(config_value)
+    record = _config_record(values)
+    assume(record is not None)
+    try:
+        check_knn_query(record, features, _DefaultNode())
+    except QueryRejected:
+        return
+    assert 1 <= int(record["k"]) <= 1_000 and str(record["mode"]) in KNN_MODES
+    assert int(record["num-queries"]) == 4 and int(record["dim"]) == 3

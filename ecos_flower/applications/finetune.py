@@ -33,11 +33,9 @@ class FinetuneResult:
     sample_rate: float
     epsilon_opacus: float  # Opacus' RDP accountant, at `delta`
     delta: float
-
-    @property
-    def effective_noise_multiplier(self) -> float:
-        """The T full-batch steps as one Gaussian release (what the ledger is charged)."""
-        return self.noise_multiplier / math.sqrt(self.steps)
+    # All the releases as one Gaussian mechanism of this noise multiplier (the ledger's charge):
+    # Gaussian releases compose exactly, 1 / z_eff^2 = sum of 1 / z_i^2.
+    effective_noise_multiplier: float
 
 
 def head_features(
@@ -158,4 +156,5 @@ def dp_finetune_head(
         sample_rate=1.0,
         epsilon_opacus=epsilon_opacus,
         delta=float(delta),
+        effective_noise_multiplier=z / math.sqrt(steps),
     )

@@ -1,10 +1,13 @@
 """Client handlers of the applications: private-kNN labelling (`query.knn`) and DP last-layer
-fine-tuning before evaluation (`evaluate.finetune`). Both charge this node's privacy ledger
-(`ledger_for`) before anything is released, and refuse past its limit."""
+fine-tuning before evaluation (`evaluate.finetune`: DP-SGD, DP least squares or DP-FC). Both
+charge this node's privacy ledger (`ledger_for`) before anything is released, and refuse past its
+limit."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from ecos_flower.applications import (
     KNN_MODES,
+    FinetuneResult,
+    dp_fc_head,
     dp_finetune_head,
+    dp_least_squares_head,
     head_features,
     knn_sensitivity,
     knn_votes,
@@ -38,8 +44,20 @@ def _node_limit(context: Context, key: str) -> int:
     return int(context.node_config.get(key, KNN_LIMITS[key]))
 
 
+def _number(record: ConfigRecord, key: str, default: float, kind: type = float) -> Any:
+    """`record[key]` as a number of `kind`; QueryRejected (not a crash) for lists, bytes, NaN
+    as an int, or anything else a hostile server may send."""
+    value = record.get(key, default)
+    if isinstance(value, (list, bytes, str)):
+        raise QueryRejected(f"{key}={value!r} is not a number")
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise QueryRejected(f"{key}={value!r} is not a number: {exc}") from exc
+
+
 def _check_privacy(query: ConfigRecord) -> tuple[float, float]:
-    epsilon, delta = float(query.get("epsilon", -1)), float(query.get("delta", -1))
+    epsilon, delta = _number(query, "epsilon", -1), _number(query, "delta", -1)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise QueryRejected(f"epsilon={epsilon} must be a positive finite number")
     if not 0 < delta < 1:
@@ -49,19 +67,19 @@ def _check_privacy(query: ConfigRecord) -> tuple[float, float]:
 
 def check_knn_query(query: ConfigRecord, features: np.ndarray, context: Context) -> None:
     """Refuse absurd or unsafe kNN queries before any work is done."""
-    n, d = int(query.get("num-queries", -1)), int(query.get("dim", -1))
+    n, d = _number(query, "num-queries", -1, int), _number(query, "dim", -1, int)
     if not 1 <= n <= _node_limit(context, "max-knn-queries"):
         raise QueryRejected(f"num-queries={n} outside 1..{_node_limit(context, 'max-knn-queries')}")
     if features.shape != (n, d):
         raise QueryRejected(f"query features have shape {features.shape}, query says ({n}, {d})")
     if features.dtype.kind != "f" or not np.all(np.isfinite(features)):
         raise QueryRejected("query features must be finite floating-point numbers")
-    k = int(query.get("k", -1))
+    k = _number(query, "k", -1, int)
     if not 1 <= k <= _node_limit(context, "max-knn-k"):
         raise QueryRejected(f"k={k} outside 1..{_node_limit(context, 'max-knn-k')}")
     if str(query.get("mode", "")) not in KNN_MODES:
         raise QueryRejected(f"unknown kNN mode {query.get('mode')!r}")
-    if not 2 <= int(query.get("num-classes", -1)) <= 10_000:
+    if not 2 <= _number(query, "num-classes", -1, int) <= 10_000:
         raise QueryRejected(f"num-classes={query.get('num-classes')} outside 2..10000")
     _check_privacy(query)
 
@@ -69,7 +87,7 @@ def check_knn_query(query: ConfigRecord, features: np.ndarray, context: Context)
 def read_query_features(msg: Message, query: ConfigRecord, context: Context) -> np.ndarray:
     """The selected samples' features, decoded only after their declared size passed the
     node's limits (a tiny payload must not make the client allocate gigabytes)."""
-    n, d = int(query.get("num-queries", -1)), int(query.get("dim", -1))
+    n, d = _number(query, "num-queries", -1, int), _number(query, "dim", -1, int)
     if not 1 <= n <= _node_limit(context, "max-knn-queries"):
         raise QueryRejected(f"num-queries={n} outside 1..{_node_limit(context, 'max-knn-queries')}")
     if not 1 <= d <= 4_096:
@@ -142,12 +160,135 @@ def _model(config: ConfigRecord, images: torch.Tensor) -> torch.nn.Module:
     )
 
 
+FINETUNE_METHODS = ("dp-sgd", "dp-least-squares", "dp-fc")
+
+
+@dataclass
+class FinetuneSpec:
+    """A validated `finetune` ConfigRecord (the server's request; this node checks every field)."""
+
+    method: str
+    epsilon: float
+    delta: float
+    steps: int
+    clip: float
+    learning_rate: float
+    init: str
+    ridge: float
+    covariance_share: float
+    floor: float
+    feature_scale: float
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The whole fine-tuning as one Gaussian release (the ledger's charge), calibrated with
+        Opacus' RDP accountant: T full-batch DP-SGD steps of z compose to z / sqrt(T); DP least
+        squares is one release; DP-FC's releases are split from one (see `dp_fc.split_noise`)."""
+        if self.method == "dp-sgd":
+            return calibrate_noise(self.epsilon, self.delta, self.steps) / math.sqrt(self.steps)
+        return calibrate_noise(self.epsilon, self.delta, 1)
+
+
+def read_finetune_spec(spec: Any, context: Context) -> FinetuneSpec:
+    """Parse and bound-check the request; raises QueryRejected naming the bad field."""
+    if not isinstance(spec, ConfigRecord):
+        raise QueryRejected("message has no ConfigRecord 'finetune'")
+    epsilon, delta = _check_privacy(spec)
+    method = str(spec.get("method", "dp-sgd"))
+    if method not in FINETUNE_METHODS:
+        raise QueryRejected(f"unknown method {method!r}; this node offers {FINETUNE_METHODS}")
+    parsed = FinetuneSpec(
+        method=method,
+        epsilon=epsilon,
+        delta=delta,
+        steps=_number(spec, "steps", 100, int),
+        clip=_number(spec, "clip", 1.0),
+        learning_rate=_number(spec, "learning-rate", 1.0),
+        init=str(spec.get("init", "zero")),
+        ridge=_number(spec, "ridge", 1.0),
+        covariance_share=_number(spec, "covariance-share", 0.3),
+        floor=_number(spec, "floor", 0.01),
+        feature_scale=_number(spec, "feature-scale", 1.0),
+    )
+    limit = _node_limit(context, "max-finetune-steps")
+    if not 1 <= parsed.steps <= limit:
+        raise QueryRejected(f"steps={parsed.steps} outside 1..{limit}")
+    if parsed.init not in ("zero", "received"):
+        raise QueryRejected(f"init={parsed.init!r} must be 'zero' or 'received'")
+    positive = {
+        "clip": parsed.clip,
+        "learning-rate": parsed.learning_rate,
+        "ridge": parsed.ridge,
+        "floor": parsed.floor,
+        "feature-scale": parsed.feature_scale,
+    }
+    for name, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise QueryRejected(f"{name}={value} must be a positive finite number")
+    if not 0 < parsed.covariance_share < 1:
+        raise QueryRejected(f"covariance-share={parsed.covariance_share} must lie in (0, 1)")
+    return parsed
+
+
+def finetune_head(
+    spec: FinetuneSpec,
+    model: torch.nn.Module,
+    shard_images: torch.Tensor,
+    labels: torch.Tensor,
+    noise_multiplier: float,
+    seed: int,
+    device: str,
+) -> FinetuneResult:
+    """Run the requested DP head fitting on this node's frozen features (already charged)."""
+    features = head_features(model, shard_images, device=device)
+    classes = model.classifier.out_features
+    init = None if spec.init == "zero" else model.classifier
+    common = {"epsilon": spec.epsilon, "delta": spec.delta, "seed": seed}
+    if spec.method == "dp-least-squares":
+        return dp_least_squares_head(
+            features,
+            labels,
+            classes,
+            scale=spec.feature_scale,
+            ridge_multiple=spec.ridge,
+            noise_multiplier=noise_multiplier,
+            **common,
+        )
+    if spec.method == "dp-fc":
+        return dp_fc_head(
+            features,
+            labels,
+            classes,
+            scale=spec.feature_scale,
+            steps=spec.steps,
+            learning_rate=spec.learning_rate,
+            clip=spec.clip,
+            covariance_share=spec.covariance_share,
+            floor=spec.floor,
+            init=init,
+            noise_multiplier=noise_multiplier,
+            **common,
+        )
+    return dp_finetune_head(
+        features,
+        labels,
+        classes,
+        steps=spec.steps,
+        max_grad_norm=spec.clip,
+        learning_rate=spec.learning_rate,
+        init=init,
+        noise_multiplier=noise_multiplier * math.sqrt(spec.steps),
+        **common,
+    )
+
+
 def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
-    """`evaluate.finetune`: fine-tune the received model's classifier head on the private train
-    split with DP-SGD (Opacus), charge the ledger, report the fine-tuned model's test accuracy
-    (and the received model's). Past the budget it refuses the fine-tuning and reports the
-    received model's accuracy only (`finetuned` = 0, reason in ConfigRecord `finetune-refusal`)."""
-    config, spec = msg.content["config"], msg.content["finetune"]
+    """`evaluate.finetune`: refit the received model's classifier head on the private train split
+    with DP (DP-SGD through Opacus, DP least squares or DP-FC), charge the ledger first, report
+    the fine-tuned model's test accuracy (and the received model's). A refused request (bad
+    settings, or past the budget) reports the received model's accuracy only (`finetuned` = 0,
+    reason in ConfigRecord `finetune-refusal`)."""
+    config = msg.content["config"]
     device = str(config.get("device", "cpu"))
     shard = client_shard(config, context.node_config)
     model = _model(config, shard.train.images)
@@ -164,36 +305,21 @@ def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
     }
     content = RecordDict()
     try:
-        epsilon, delta = _check_privacy(spec)
-        steps = int(spec.get("steps", 100))
-        if not 1 <= steps <= _node_limit(context, "max-finetune-steps"):
-            raise QueryRejected(
-                f"steps={steps} outside 1..{_node_limit(context, 'max-finetune-steps')}"
-            )
-        z = calibrate_noise(epsilon, delta, steps)
-        ledger = ledger_for(context, spec)
+        spec = read_finetune_spec(msg.content.get("finetune"), context)
+        noise_multiplier = spec.noise_multiplier
+        ledger = ledger_for(context, msg.content["finetune"])
         spent = ledger.charge(
-            z / math.sqrt(steps),
-            note=f"DP head fine-tuning ({steps} full-batch steps, z={z:.4g}), run {context.run_id}",
+            noise_multiplier,
+            note=f"DP head fine-tuning ({spec.method}, {spec.steps} steps, single-release "
+            f"z={noise_multiplier:.4g}), run {context.run_id}",
         )
     except (QueryRejected, BudgetExceededError) as exc:
         metrics.update({"accuracy": received, "finetuned": 0})
         content["finetune-refusal"] = ConfigRecord({"reason": str(exc)})
     else:
         seed = int(noise_generator(context.node_config, len(ledger.releases)).integers(2**62))
-        init = None if str(spec.get("init", "zero")) == "zero" else model.classifier
-        result = dp_finetune_head(
-            head_features(model, shard.train.images, device=device),
-            shard.train.labels,
-            model.classifier.out_features,
-            epsilon=epsilon,
-            delta=delta,
-            steps=steps,
-            max_grad_norm=float(spec.get("clip", 1.0)),
-            learning_rate=float(spec.get("learning-rate", 1.0)),
-            init=init,
-            noise_multiplier=z,
-            seed=seed,
+        result = finetune_head(
+            spec, model, shard.train.images, shard.train.labels, noise_multiplier, seed, device
         )
         model.classifier = result.head
         accuracy, loss = evaluate_accuracy(
@@ -207,7 +333,7 @@ def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
                 "epsilon-spent": spent,
                 "finetune-epsilon-opacus": result.epsilon_opacus,
                 "noise-multiplier": result.noise_multiplier,
-                "steps": steps,
+                "steps": result.steps,
                 "delta": ledger.delta,
             }
         )

@@ -14,7 +14,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore import log
 
-from ecos_flower.applications import aggregate_votes, distill, pseudo_label_train
+from ecos_flower.applications import (
+    aggregate_votes,
+    distill,
+    head_features,
+    pseudo_label_train,
+    public_feature_scale,
+)
 from ecos_flower.flower.ecos_strategy import EcosStrategy, extractor_digest
 from ecos_flower.flower.settings import client_config
 from ecos_flower.flower.validation import (
@@ -345,19 +351,35 @@ def finetune_enabled(config: dict[str, Any]) -> bool:
     return float(config.get("finetune-epsilon", 0.0)) > 0
 
 
-def finetune_messages(messages: Iterable[Message], config: dict[str, Any]) -> list[Message]:
-    """Turn evaluate messages into `evaluate.finetune` ones carrying the fine-tuning settings."""
-    spec = ConfigRecord(
+def finetune_record(config: dict[str, Any], feature_scale: float) -> ConfigRecord:
+    """The `finetune` ConfigRecord of a run config: what every client is asked to do.
+
+    `feature_scale` is the median feature norm of public samples under the sent model (see
+    `public_feature_scale`): DP least squares and DP-FC normalise features with it, and it must
+    not come from the clients' private data."""
+    return ConfigRecord(
         {
+            "method": str(config["finetune-method"]),
             "epsilon": float(config["finetune-epsilon"]),
             "delta": float(config["delta"]),
             "steps": int(config["finetune-steps"]),
             "clip": float(config["finetune-clip"]),
             "learning-rate": float(config["finetune-lr"]),
             "init": str(config["finetune-init"]),
+            "ridge": float(config["finetune-ridge"]),
+            "covariance-share": float(config["finetune-covariance-share"]),
+            "floor": float(config["finetune-floor"]),
+            "feature-scale": float(feature_scale),
             "client-epsilon-limit": float(config["client-epsilon-limit"]),
         }
     )
+
+
+def finetune_messages(
+    messages: Iterable[Message], config: dict[str, Any], feature_scale: float
+) -> list[Message]:
+    """Turn evaluate messages into `evaluate.finetune` ones carrying `finetune_record`."""
+    spec = finetune_record(config, feature_scale)
     out = []
     for message in messages:
         content = RecordDict(
@@ -376,6 +398,13 @@ def finetune_messages(messages: Iterable[Message], config: dict[str, Any]) -> li
             )
         )
     return out
+
+
+def public_feature_scale_of(model: torch.nn.Module, images: torch.Tensor, device: str) -> float:
+    """The median norm of `model.embed` on public images (at most 2,000 of them): the scale
+    DP least squares and DP-FC normalise client features by."""
+    sample = images[: min(len(images), 2_000)]
+    return public_feature_scale(head_features(model, sample, device=device))
 
 
 def record_finetune(strategy: EcosStrategy, replies: Iterable[Message]) -> dict[str, Any]:
@@ -432,6 +461,7 @@ def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
                 1, ArrayRecord(model.state_dict()), client_config(config), metered
             ),
             config,
+            public_feature_scale_of(model, federation.pool.images, str(config["device"])),
         )
         replies = list(metered.send_and_receive(messages, timeout=float(config["timeout"])))
         strategy.aggregate_evaluate(1, replies)
@@ -452,6 +482,7 @@ def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
         "model",
         "teacher-epochs",
         "finetune-epsilon",
+        "finetune-method",
         "finetune-steps",
         "finetune-clip",
         "finetune-lr",

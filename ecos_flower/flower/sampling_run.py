@@ -36,6 +36,7 @@ from ecos_flower.flower.applications import (
     APPLICATION_FUNCTIONS,
     finetune_enabled,
     finetune_messages,
+    public_feature_scale_of,
     record_finetune,
 )
 from ecos_flower.flower.ecos_strategy import EcosStrategy
@@ -186,7 +187,8 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
             1, ArrayRecord(model.state_dict()), client_config(config), metered
         )
         if finetune_enabled(config):  # clients fine-tune the head with DP, then evaluate
-            messages = finetune_messages(messages, config)
+            scale = public_feature_scale_of(model, pool.images[selected], str(config["device"]))
+            messages = finetune_messages(messages, config, scale)
         replies = list(metered.send_and_receive(messages, timeout=float(config["timeout"])))
         rejected_before = len(strategy.rejected)
         strategy.aggregate_evaluate(1, replies)
@@ -237,6 +239,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         "batch-size",
         "application",
         "finetune-epsilon",
+        "finetune-method",
     )
     report.settings = {key: config[key] for key in keys}
     return report

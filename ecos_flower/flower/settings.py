@@ -74,12 +74,19 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     # random | pca (a map of its own, fitted on the public pool and shipped with the query).
     "knn-extractor": "run",
     # DP last-layer fine-tuning on the clients before evaluation (> 0: on, at this epsilon):
-    # full-batch DP-SGD steps, clipping norm, learning rate, head init zero | received.
+    # method dp-sgd | dp-least-squares | dp-fc; full-batch steps (dp-sgd, dp-fc), clipping
+    # norm, learning rate, head init zero | received (dp-sgd, dp-fc); dp-least-squares' ridge in
+    # multiples of the noise's sigma sqrt(d); dp-fc's share of the budget for the covariance and
+    # the floor on its eigenvalues.
     "finetune-epsilon": 0.0,
+    "finetune-method": "dp-sgd",
     "finetune-steps": 100,
     "finetune-clip": 1.0,
     "finetune-lr": 1.0,
     "finetune-init": "zero",
+    "finetune-ridge": 1.0,
+    "finetune-covariance-share": 0.3,
+    "finetune-floor": 0.01,
     "feature-cache": "",
     "timeout": 3600.0,
     # DSSGD: local epochs per participant (server rounds are derived), schedule, up/download
