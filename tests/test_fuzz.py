@@ -878,19 +878,24 @@ class _DefaultNode:
     node_config: dict = {}
 
 
+def _mutated_config(base: dict, draw, keys: list[str]) -> ConfigRecord | None:
+    """`base` with up to four keys dropped or given hostile values, as a ConfigRecord."""
+    values = dict(base)
+    for key in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True)):
+        if draw(st.booleans()):
+            values.pop(key, None)
+        else:
+            values[key] = draw(config_value)
+    return _config_record(values)
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_finetune_requests_parse_within_bounds_or_are_refused(data):
     """Whatever the server sends in `finetune`, the node either gets settings inside its bounds
     or refuses with QueryRejected (which becomes a refusal reply), never another exception."""
     config = merge_run_config({"finetune-epsilon": 1.0, "finetune-method": "dp-fc"})
-    values = dict(finetune_record(config, 3.0))
-    for key in data.draw(st.lists(st.sampled_from(FINETUNE_FIELDS), max_size=4, unique=True)):
-        if data.draw(st.booleans()):
-            values.pop(key, None)
-        else:
-            values[key] = data.draw(config_value)
-    record = _config_record(values)
+    record = _mutated_config(dict(finetune_record(config, 3.0)), data.draw, FINETUNE_FIELDS)
     assume(record is not None)
     try:
         spec = read_finetune_spec(record, _DefaultNode())
@@ -913,12 +918,7 @@ def test_fuzz_knn_queries_are_checked_or_refused(data):
     features = np.zeros((4, 3), dtype=np.float64)
     values = {"num-queries": 4, "dim": 3, "k": 2, "mode": "capped", "num-classes": 10}
     values |= {"epsilon": 1.0, "delta": 1e-5}
-    for key in data.draw(st.lists(st.sampled_from(KNN_FIELDS), max_size=3, unique=True)):
-        if data.draw(st.booleans()):
-            values.pop(key, None)
-        else:
-            values[key] = data.draw(config_value)
-    record = _config_record(values)
+    record = _mutated_config(values, data.draw, KNN_FIELDS)
     assume(record is not None)
     try:
         check_knn_query(record, features, _DefaultNode())

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from ecos_flower.applications.dp_least_squares import symmetric_gaussian
-from ecos_flower.applications.finetune import FinetuneResult, calibrate_noise, make_private_head
+from ecos_flower.applications.finetune import FinetuneResult, make_private_head
 from ecos_flower.applications.linear_head import (
     augmented_from_head,
     head_from_augmented,
     normalized_with_bias,
     opacus_epsilon,
+    whole_run_noise_multiplier,
 )
 
 
@@ -83,9 +84,7 @@ def dp_fc_head(
 
     `noise_multiplier` is the whole run's single-Gaussian equivalent (what the ledger is
     charged); calibrated with Opacus' RDP accountant unless given."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    total = calibrate_noise(epsilon, delta, 1) if noise_multiplier is None else noise_multiplier
+    total = whole_run_noise_multiplier(epsilon, delta, noise_multiplier)
     z_cov, z_step = split_noise(total, steps, covariance_share)
     generator = torch.Generator().manual_seed(int(seed))
     rows = normalized_with_bias(features, scale)

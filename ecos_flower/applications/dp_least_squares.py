@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ecos_flower.applications.finetune import FinetuneResult, calibrate_noise
+from ecos_flower.applications.finetune import FinetuneResult
 from ecos_flower.applications.linear_head import (
     head_from_augmented,
     normalized_with_bias,
     opacus_epsilon,
+    whole_run_noise_multiplier,
 )
 
 SENSITIVITY = math.sqrt(2.0)  # L2 norm of (z z^T upper triangle, z y^T) for ||z|| = ||y|| = 1
@@ -97,9 +98,7 @@ def dp_least_squares_head(
 
     One Gaussian release of noise multiplier z (sigma = z * sqrt(2)); z is calibrated with
     Opacus' RDP accountant unless the caller passes it (after charging its ledger)."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    z_mult = calibrate_noise(epsilon, delta, 1) if noise_multiplier is None else noise_multiplier
+    z_mult = whole_run_noise_multiplier(epsilon, delta, noise_multiplier)
     sigma = z_mult * SENSITIVITY
     rows = normalized_with_bias(features, scale)
     stats = sufficient_statistics(rows, labels, num_classes)

@@ -61,3 +61,16 @@ def opacus_epsilon(history: Sequence[tuple[float, float, int]], delta: float) ->
     accountant = RDPAccountant()
     accountant.history = [(float(z), float(q), int(t)) for z, q, t in history]
     return float(accountant.get_epsilon(delta=float(delta)))
+
+
+def whole_run_noise_multiplier(
+    epsilon: float, delta: float, noise_multiplier: float | None = None
+) -> float:
+    """The single-Gaussian-equivalent noise multiplier of a fitting run at (epsilon, delta),
+    calibrated with Opacus' RDP accountant, unless the caller already calibrated (and charged)
+    it."""
+    from ecos_flower.applications.finetune import calibrate_noise
+
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    return calibrate_noise(epsilon, delta, 1) if noise_multiplier is None else noise_multiplier
