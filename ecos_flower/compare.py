@@ -136,7 +136,7 @@ def _group(records: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[str
     return groups
 
 
-def _mean_std(values: list[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+def mean_std(values: list[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
     array = np.asarray(values, dtype=float) * scale
     if len(array) == 1:
         return fmt.format(array[0])
@@ -174,8 +174,8 @@ def table_markdown(records: list[dict[str, Any]]) -> str:
         eps_cell = eps if eps in ("inf", "0") or not delta else f"{eps} ({delta:g})"
         lines.append(
             f"| {method} | {budget if budget is not None else '-'} | {len(group)} | "
-            f"{_mean_std([r['accuracy_mean'] for r in group], scale=100)} | "
-            f"{_mean_std(precision, '{:.3f}') if precision else '-'} | {eps_cell} | "
+            f"{mean_std([r['accuracy_mean'] for r in group], scale=100)} | "
+            f"{mean_std(precision, '{:.3f}') if precision else '-'} | {eps_cell} | "
             f"{np.mean([_mean_bytes(r['bytes_up_per_client']) for r in group]):,.0f} | "
             f"{np.mean([_mean_bytes(r['bytes_down_per_client']) for r in group]):,.0f} | "
             f"{np.mean([_mean_compute(r) for r in group]):.2f} | "
