@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from ecos_flower.client_app import app as client_app
 from ecos_flower.compare import available_methods, preset_config
-from ecos_flower.flower.applications import aggregate_knn
+from ecos_flower.flower.applications import aggregate_knn, knn_neighbours
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid
 
@@ -53,6 +53,14 @@ def test_every_application_is_a_preset_of_compare():
     assert preset_config("ecos-finetune")["finetune-epsilon"] <= 1.0
 
 
+def test_knn_neighbours_grow_with_the_queried_samples_when_asked():
+    fixed = {"knn-k": 30, "knn-k-per-query": 0.0}
+    assert knn_neighbours(fixed, 500) == knn_neighbours(fixed, 1000) == 30
+    scaled = {"knn-k": 30, "knn-k-per-query": 0.06}
+    assert (knn_neighbours(scaled, 500), knn_neighbours(scaled, 1000)) == (30, 60)
+    assert knn_neighbours(scaled, 3) == 1  # never zero neighbours
+
+
 @pytest.mark.parametrize("method", ["ecos", "random"])
 def test_private_knn_charges_each_ledger_and_reports_the_total(scenario, tmp_path, method):
     grid, _ = _ledger_grid(tmp_path)
@@ -61,10 +69,12 @@ def test_private_knn_charges_each_ledger_and_reports_the_total(scenario, tmp_pat
         grid=grid,
         method=method,
         application="private-knn",
-        **{"knn-epsilon": 0.5, "knn-k": 3},
+        # random: k from the number of queried samples (0.1 x 60 selected = 6)
+        **{"knn-epsilon": 0.5, "knn-k": 3, "knn-k-per-query": 0.0 if method == "ecos" else 0.1},
     )
     assert sorted(report.accuracy_per_client) == [0, 1, 2]
     assert report.extra["knn-answered"] == 3 and report.extra["knn-labelled"] > 0
+    assert report.extra["knn-k-used"] == (3 if method == "ecos" else 6)
     for client in range(3):
         stored = _ledger(tmp_path, client)
         notes = [r["note"] for r in stored["releases"]]

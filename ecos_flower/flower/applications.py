@@ -197,6 +197,17 @@ def float_matrix(reply: Message, key: str, shape: tuple[int, int]) -> np.ndarray
     return values.astype(np.float64)
 
 
+def knn_neighbours(config: dict[str, Any], num_queries: int) -> int:
+    """k of the kNN votes: `knn-k`, or with `knn-k-per-query` > 0 that fraction of the queried
+    samples (at least 1). In capped mode the clients' vote mass (n samples x k votes) spreads over
+    the queried samples, so a fixed k gives each fewer votes, hence noisier labels, as the
+    selection grows; a k proportional to it keeps the votes per sample about constant."""
+    per_query = float(config.get("knn-k-per-query", 0.0))
+    if per_query > 0:
+        return max(1, round(per_query * num_queries))
+    return int(config["knn-k"])
+
+
 def configure_knn(
     context: SelectionContext,
     extractor: Any,
@@ -212,7 +223,7 @@ def configure_knn(
         {
             "num-queries": int(query_features.shape[0]),
             "dim": int(query_features.shape[1]),
-            "k": int(config["knn-k"]),
+            "k": knn_neighbours(config, int(query_features.shape[0])),
             "mode": str(config["knn-mode"]),
             "num-classes": int(context.federation.num_classes),
             "epsilon": float(config["knn-epsilon"]),
@@ -325,6 +336,7 @@ def train_private_knn(context: SelectionContext) -> torch.nn.Module:
     context.extra.update(
         {
             "knn-answered": len(votes),
+            "knn-k-used": knn_neighbours(config, len(context.selected)),
             "knn-refused": {str(n): r for n, r in refused.items()},
             "knn-labelled": int(kept.sum()),
             # Diagnostic only: the pool's own labels are the server's, never the clients'.

@@ -64,9 +64,11 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "teacher-model": "wide-cnn",
     "teacher-epochs": 3,
     "distill-temperature": 4.0,
-    # private-knn: neighbours, vote mode (query: sensitivity sqrt(2n); capped: sqrt(k)), epsilon
-    # of the vote release per client, and the kept-sample threshold in aggregate-noise stds.
+    # private-knn: neighbours (knn-k, or knn-k-per-query > 0: that fraction of the queried
+    # samples), vote mode (query: sensitivity sqrt(2n); capped: sqrt(k)), epsilon of the vote
+    # release per client, and the kept-sample threshold in aggregate-noise stds.
     "knn-k": 30,
+    "knn-k-per-query": 0.0,
     "knn-mode": "capped",
     "knn-epsilon": 1.0,
     "knn-threshold": 2.0,
