@@ -112,7 +112,8 @@ def dp_fc_head(
             for x, y in loader:
                 optimiser.zero_grad()
                 loss_fn(module(x), y).backward()
-                optimiser.pre_step()  # Opacus: clip per sample, add noise, average
+                if not optimiser.pre_step():  # Opacus: clip per sample, add noise, average
+                    continue  # (only with virtual steps, which full batches never take)
                 for parameter in module.parameters():
                     parameter.grad = parameter.grad @ precondition
                 optimiser.original_optimizer.step()
