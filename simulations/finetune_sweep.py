@@ -55,16 +55,7 @@ def finetune_spec(preset: str, epsilon: float, scale: float, config: dict[str, A
     """What a client parses from the `finetune` record the server sends for this preset."""
     layer = preset_config(preset) | {"finetune-epsilon": epsilon}
     run_config = merge_run_config(layer, {k: config[k] for k in ("delta", "client-epsilon-limit")})
-    return read_finetune_spec(finetune_record(run_config, scale), NODE)
-
-
-class _DefaultNode:
-    """A node with the default limits (empty node config), as `read_finetune_spec` sees it."""
-
-    node_config: dict[str, Any] = {}
-
-
-NODE = _DefaultNode()
+    return read_finetune_spec(finetune_record(run_config, scale), {})  # default node limits
 
 
 def main() -> None:

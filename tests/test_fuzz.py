@@ -874,10 +874,6 @@ FINETUNE_FIELDS = [
 ]
 
 
-class _DefaultNode:
-    node_config: dict = {}
-
-
 def _mutated_config(base: dict, draw, keys: list[str]) -> ConfigRecord | None:
     """`base` with up to four keys dropped or given hostile values, as a ConfigRecord."""
     values = dict(base)
@@ -898,7 +894,7 @@ def test_fuzz_finetune_requests_parse_within_bounds_or_are_refused(data):
     record = _mutated_config(dict(finetune_record(config, 3.0)), data.draw, FINETUNE_FIELDS)
     assume(record is not None)
     try:
-        spec = read_finetune_spec(record, _DefaultNode())
+        spec = read_finetune_spec(record, {})
     except QueryRejected:
         return
     assert spec.method in FINETUNE_METHODS and spec.init in ("zero", "received")
@@ -921,7 +917,7 @@ def test_fuzz_knn_queries_are_checked_or_refused(data):
     record = _mutated_config(values, data.draw, KNN_FIELDS)
     assume(record is not None)
     try:
-        check_knn_query(record, features, _DefaultNode())
+        check_knn_query(record, features, {})
     except QueryRejected:
         return
     assert 1 <= int(record["k"]) <= 1_000 and str(record["mode"]) in KNN_MODES

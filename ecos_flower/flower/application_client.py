@@ -6,6 +6,7 @@ limit."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,9 @@ from ecos_flower.privacy import BudgetExceededError, analytic_gaussian_sigma
 KNN_LIMITS = {"max-knn-queries": 100_000, "max-knn-k": 1_000, "max-finetune-steps": 10_000}
 
 
-def _node_limit(context: Context, key: str) -> int:
-    return int(context.node_config.get(key, KNN_LIMITS[key]))
+def _node_limit(node_config: Mapping[str, Any], key: str) -> int:
+    """This node's limit `key` (its node config, else the default in KNN_LIMITS)."""
+    return int(node_config.get(key, KNN_LIMITS[key]))
 
 
 def _number(record: ConfigRecord, key: str, default: float, kind: type = float) -> Any:
@@ -65,18 +67,29 @@ def _check_privacy(query: ConfigRecord) -> tuple[float, float]:
     return epsilon, delta
 
 
-def check_knn_query(query: ConfigRecord, features: np.ndarray, context: Context) -> None:
-    """Refuse absurd or unsafe kNN queries before any work is done."""
+def _query_size(query: ConfigRecord, node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(num-queries, dim) of a kNN query, within this node's limits."""
     n, d = _number(query, "num-queries", -1, int), _number(query, "dim", -1, int)
-    if not 1 <= n <= _node_limit(context, "max-knn-queries"):
-        raise QueryRejected(f"num-queries={n} outside 1..{_node_limit(context, 'max-knn-queries')}")
+    limit = _node_limit(node_config, "max-knn-queries")
+    if not 1 <= n <= limit:
+        raise QueryRejected(f"num-queries={n} outside 1..{limit}")
+    if not 1 <= d <= 4_096:
+        raise QueryRejected(f"dim={d} outside 1..4096")
+    return n, d
+
+
+def check_knn_query(
+    query: ConfigRecord, features: np.ndarray, node_config: Mapping[str, Any]
+) -> None:
+    """Refuse absurd or unsafe kNN queries before any work is done."""
+    n, d = _query_size(query, node_config)
     if features.shape != (n, d):
         raise QueryRejected(f"query features have shape {features.shape}, query says ({n}, {d})")
     if features.dtype.kind != "f" or not np.all(np.isfinite(features)):
         raise QueryRejected("query features must be finite floating-point numbers")
     k = _number(query, "k", -1, int)
-    if not 1 <= k <= _node_limit(context, "max-knn-k"):
-        raise QueryRejected(f"k={k} outside 1..{_node_limit(context, 'max-knn-k')}")
+    if not 1 <= k <= _node_limit(node_config, "max-knn-k"):
+        raise QueryRejected(f"k={k} outside 1..{_node_limit(node_config, 'max-knn-k')}")
     if str(query.get("mode", "")) not in KNN_MODES:
         raise QueryRejected(f"unknown kNN mode {query.get('mode')!r}")
     if not 2 <= _number(query, "num-classes", -1, int) <= 10_000:
@@ -84,14 +97,12 @@ def check_knn_query(query: ConfigRecord, features: np.ndarray, context: Context)
     _check_privacy(query)
 
 
-def read_query_features(msg: Message, query: ConfigRecord, context: Context) -> np.ndarray:
+def read_query_features(
+    msg: Message, query: ConfigRecord, node_config: Mapping[str, Any]
+) -> np.ndarray:
     """The selected samples' features, decoded only after their declared size passed the
     node's limits (a tiny payload must not make the client allocate gigabytes)."""
-    n, d = _number(query, "num-queries", -1, int), _number(query, "dim", -1, int)
-    if not 1 <= n <= _node_limit(context, "max-knn-queries"):
-        raise QueryRejected(f"num-queries={n} outside 1..{_node_limit(context, 'max-knn-queries')}")
-    if not 1 <= d <= 4_096:
-        raise QueryRejected(f"dim={d} outside 1..4096")
+    n, d = _query_size(query, node_config)
     record = msg.content.get("queries")
     if not isinstance(record, ArrayRecord) or list(record.keys()) != ["features"]:
         raise QueryRejected("query has no ArrayRecord 'queries' holding 'features'")
@@ -108,8 +119,8 @@ def handle_knn_query(msg: Message, context: Context) -> Message:
         query = msg.content.get("knn")
         if not isinstance(query, ConfigRecord):
             raise QueryRejected("query has no ConfigRecord 'knn'")
-        features = read_query_features(msg, query, context)
-        check_knn_query(query, features, context)
+        features = read_query_features(msg, query, context.node_config)
+        check_knn_query(query, features, context.node_config)
         extractor = _extractor(msg, context, query)
     except QueryRejected as exc:
         return _refusal(msg, f"kNN query rejected: {exc}")
@@ -189,7 +200,7 @@ class FinetuneSpec:
         return calibrate_noise(self.epsilon, self.delta, 1)
 
 
-def read_finetune_spec(spec: Any, context: Context) -> FinetuneSpec:
+def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpec:
     """Parse and bound-check the request; raises QueryRejected naming the bad field."""
     if not isinstance(spec, ConfigRecord):
         raise QueryRejected("message has no ConfigRecord 'finetune'")
@@ -210,7 +221,7 @@ def read_finetune_spec(spec: Any, context: Context) -> FinetuneSpec:
         floor=_number(spec, "floor", 0.01),
         feature_scale=_number(spec, "feature-scale", 1.0),
     )
-    limit = _node_limit(context, "max-finetune-steps")
+    limit = _node_limit(node_config, "max-finetune-steps")
     if not 1 <= parsed.steps <= limit:
         raise QueryRejected(f"steps={parsed.steps} outside 1..{limit}")
     if parsed.init not in ("zero", "received"):
@@ -305,7 +316,7 @@ def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
     }
     content = RecordDict()
     try:
-        spec = read_finetune_spec(msg.content.get("finetune"), context)
+        spec = read_finetune_spec(msg.content.get("finetune"), context.node_config)
         noise_multiplier = spec.noise_multiplier
         ledger = ledger_for(context, msg.content["finetune"])
         spent = ledger.charge(
