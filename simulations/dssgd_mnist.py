@@ -8,7 +8,8 @@ evaluated
 on the common 2,000-image test split. Runs standalone, centralized, DSSGD theta_u in {0.01, 0.1, 1}
 (no DP, no clipping) and DP (SVT, theta_u = 0.1, gamma = 0.001, tau = 0.0001) at several epsilons.
 
-    .venv/bin/python simulations/dssgd_mnist.py [--seeds 3] [--quick]
+    .venv/bin/python simulations/dssgd_mnist.py [--seeds 3] [--quick] [--model mlp|cnn]
+        [--runs standalone,centralized,dssgd,dp]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from ecos_flower.dssgd.selection import upload_count
 from ecos_flower.dssgd.simulate import DSSGDConfig, run_centralized, run_dssgd, run_standalone
-from ecos_flower.models.nets import PaperMLP
+from ecos_flower.models.nets import PaperCNN, PaperMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT.parent / "shared" / "data" / "digits" / "mnist" / "raw"
@@ -60,9 +61,18 @@ def iid_shares(train, n: int, seed: int):
     return [(x[idx], y[idx]) for idx in torch.tensor_split(order, n)]
 
 
-def model_fn(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return PaperMLP(10, 1, 28)
+MODELS = {"mlp": PaperMLP, "cnn": PaperCNN}
+RUN_KINDS = ("standalone", "centralized", "dssgd", "dp")
+
+
+def model_factory(kind: str):  # noqa: ANN201 - seed -> a fresh paper model
+    """The paper's MLP or CNN, initialised from `seed`."""
+
+    def model_fn(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return MODELS[kind](10, 1, 28)
+
+    return model_fn
 
 
 def summarise(values: list[float]) -> str:
@@ -75,21 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--participants", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed (smoke test)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    parser.add_argument(
+        "--runs", default=",".join(RUN_KINDS), help=f"subset of {','.join(RUN_KINDS)}"
+    )
     args = parser.parse_args(argv)
+    kinds = [k for k in args.runs.split(",") if k]
+    unknown = sorted(set(kinds) - set(RUN_KINDS))
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {', '.join(RUN_KINDS)}")
+    model_fn = model_factory(args.model)
     torch.set_num_threads(1)
     if args.quick:
         args.seeds, args.epochs = 1, 2
     train, test = load_mnist(0)
     n_params = sum(p.numel() for p in model_fn(0).parameters())
     c = upload_count(0.1, n_params)
-    runs: list[tuple[str, dict]] = [("standalone", {}), ("centralized", {})]
-    runs += [(f"dssgd theta_u={t}", {"theta_u": t}) for t in (0.01, 0.1, 1.0)]
+    runs: list[tuple[str, dict]] = [(k, {}) for k in ("standalone", "centralized") if k in kinds]
+    if "dssgd" in kinds:
+        runs += [(f"dssgd theta_u={t}", {"theta_u": t}) for t in (0.01, 0.1, 1.0)]
     runs += [
         (
             f"dp-svt eps/c={r:g}",
             {"theta_u": 0.1, "gamma": 1e-3, "tau": 1e-4, "dp_epsilon": r * c},
         )
-        for r in EPS_OVER_C
+        for r in (EPS_OVER_C if "dp" in kinds else ())
     ]
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     bar = tqdm(total=len(runs) * args.seeds, desc="runs")
@@ -110,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
     bar.close()
 
-    command = ".venv/bin/python simulations/dssgd_mnist.py" + (" --quick" if args.quick else "")
+    options = sys.argv[1:] if argv is None else argv
+    command = " ".join([".venv/bin/python simulations/dssgd_mnist.py", *options])
+    model_name = type(model_fn(0)).__name__
     doc = {
         "command": command,
         "setting": {
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "participants": args.participants,
             "epochs": args.epochs,
             "seeds": args.seeds,
-            "model": f"PaperMLP ({n_params} parameters)",
+            "model": f"{model_name} ({n_params} parameters)",
             "c_at_theta_u_0.1": c,
         },
         "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}, "
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-cnn" if args.model == "cnn" else "") + ("-quick" if args.quick else "")
     (RESULTS / f"dssgd-mnist{suffix}.json").write_text(json.dumps(doc, indent=2, default=float))
 
     lines = [
@@ -134,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command}`",
         "",
-        f"Setting: {doc['setting']['data']}; {args.participants} IID participants; PaperMLP "
+        f"Setting: {doc['setting']['data']}; {args.participants} IID participants; {model_name} "
         f"({n_params} params); {args.epochs} local epochs each, round-robin, theta_d = 1; "
         f"batch 32, lr 0.05; {args.seeds} seeds (mean ± std, %). "
         f"DP rows: SVT with theta_u = 0.1 (c = {c}), "
@@ -157,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"dssgd-mnist{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+    if "dp" not in kinds:
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
