@@ -8,9 +8,11 @@ import math
 
 import numpy as np
 import pytest
-from flower_helpers import run_tiny, tiny_scenario
+from flower_helpers import reply_from, run_tiny, tiny_scenario
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from ecos_flower.client_app import app as client_app
+from ecos_flower.flower.fedavg import RecordingFedAvg
 from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.flower.settings import DEFAULT_RUN_CONFIG
 
@@ -37,6 +39,30 @@ def _small_cnn_params(size: int):
     from ecos_flower.models import SmallCNN
 
     return list(SmallCNN(10, 1).parameters())
+
+
+def test_fedavg_aggregate_does_not_depend_on_the_order_replies_arrive_in():
+    """Flower samples nodes in random order; the average must be bitwise the same anyway, or
+    the same seed would not repeat (float sums depend on their order)."""
+    rng = np.random.default_rng(0)
+    replies = [
+        reply_from(
+            node,
+            "train",
+            RecordDict(
+                {
+                    "arrays": ArrayRecord([rng.normal(size=(64, 33)).astype(np.float32)]),
+                    "metrics": MetricRecord({"num-examples": int(rng.integers(5, 50))}),
+                }
+            ),
+        )
+        for node in range(2, 12)
+    ]
+    averages = []
+    for order in (replies, replies[::-1], [replies[i] for i in rng.permutation(10)]):
+        arrays, _ = RecordingFedAvg().aggregate_train(1, order)
+        averages.append(arrays.to_numpy_ndarrays()[0])
+    assert np.array_equal(averages[0], averages[1]) and np.array_equal(averages[0], averages[2])
 
 
 def test_ecos_flow_spends_the_requested_epsilon_and_uploads_k_numbers(scenario):

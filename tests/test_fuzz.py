@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_helpers import tiny_scenario
+from flower_helpers import reply_from, server_message, tiny_scenario
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -61,7 +61,7 @@ from ecos_flower.flower.dssgd_client import TaskRejected, seeded_model
 from ecos_flower.flower.dssgd_strategy import DSSGDStrategy
 from ecos_flower.flower.ecos_client import QueryRejected
 from ecos_flower.flower.ecos_strategy import EcosStrategy
-from ecos_flower.flower.inprocess import InProcessGrid, set_server_identity
+from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.flower.settings import client_config, merge_run_config
 from ecos_flower.flower.validation import InvalidReplyError, checked_numpy, float_vector
 
@@ -73,7 +73,6 @@ FUZZ = settings(
 )
 K = 6
 GOOD, BAD = 1001, 1002  # node ids: a well-behaved node and the fuzzed one
-SERVER = 1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -100,23 +99,6 @@ def captured_log():
 
 def _names(lines: list[str], node: int) -> bool:
     return any(f"node {node}" in line for line in lines)
-
-
-def _sent(node: int, message_type: str, content: RecordDict | None = None) -> Message:
-    """A server message to `node`, stamped as the grid would."""
-    set_server_identity(1)
-    msg = Message(content or RecordDict(), node, message_type, group_id="1")
-    msg.metadata.__dict__["_message_id"] = f"{message_type}-{node}"
-    msg.metadata.__dict__["_src_node_id"] = SERVER
-    return msg
-
-
-def _reply_from(node: int, message_type: str, content: RecordDict | Error) -> Message:
-    query = _sent(node, message_type)
-    reply = Message(content, reply_to=query)
-    reply.metadata.__dict__["_src_node_id"] = node
-    reply.metadata.__dict__["_dst_node_id"] = SERVER
-    return reply
 
 
 def _forged(dtype: str, declared: tuple[int, ...], body: int) -> Array:
@@ -272,10 +254,10 @@ def _ecos_state(strategy: EcosStrategy) -> dict:
 def test_fuzz_ecos_score_replies(case):
     content, valid = case
     strategy = EcosStrategy(epsilon=1.0, delta=1e-5, threshold_multiple=0.0)
-    strategy.aggregate_query(1, [_reply_from(GOOD, "query.ecos", _good_score_reply(GOOD))], K)
+    strategy.aggregate_query(1, [reply_from(GOOD, "query.ecos", _good_score_reply(GOOD))], K)
     before = _ecos_state(strategy)
     rejected_before = len(strategy.rejected)
-    reply = _reply_from(BAD, "query.ecos", content)
+    reply = reply_from(BAD, "query.ecos", content)
     with captured_log() as lines:
         aggregated = strategy.aggregate_query(1, [reply], K)  # must not raise
     assert aggregated is not None and aggregated.shape == (K,)
@@ -325,10 +307,10 @@ def test_fuzz_ecos_evaluation_metrics(case):
     content, valid = case
     strategy = EcosStrategy()
     good = MetricRecord({"accuracy": 0.9, "partition-id": 0})
-    strategy.aggregate_evaluate(1, [_reply_from(GOOD, "evaluate", RecordDict({"metrics": good}))])
+    strategy.aggregate_evaluate(1, [reply_from(GOOD, "evaluate", RecordDict({"metrics": good}))])
     before, rejected_before = _ecos_state(strategy), len(strategy.rejected)
     with captured_log() as lines:
-        result = strategy.aggregate_evaluate(1, [_reply_from(BAD, "evaluate", content)])
+        result = strategy.aggregate_evaluate(1, [reply_from(BAD, "evaluate", content)])
     assert result is not None and 0.0 <= float(result["accuracy"]) <= 1.0
     if BAD in strategy.evaluated_nodes:
         assert valid is not False
@@ -438,7 +420,7 @@ def test_fuzz_dssgd_sparse_uploads(case):
     before, rejected_before = _dssgd_state(strategy), len(strategy.rejected)
     params_before = strategy.server.params.copy()
     with captured_log() as lines:
-        arrays, metrics = strategy.aggregate_train(1, [_reply_from(BAD, "train.dssgd", content)])
+        arrays, metrics = strategy.aggregate_train(1, [reply_from(BAD, "train.dssgd", content)])
     assert arrays is not None and metrics is not None
     if int(metrics["accepted"]) == 1:
         assert valid is not False
@@ -468,7 +450,7 @@ def test_fuzz_dssgd_evaluation_metrics(case):
     strategy = _dssgd_strategy()
     before, rejected_before = _dssgd_state(strategy), len(strategy.rejected)
     with captured_log() as lines:
-        strategy.aggregate_evaluate(1, [_reply_from(BAD, "evaluate.dssgd", content)])
+        strategy.aggregate_evaluate(1, [reply_from(BAD, "evaluate.dssgd", content)])
     if BAD in strategy.evaluated_nodes:
         assert valid is not False
         assert all(0.0 <= a <= 1.0 for a in strategy.server_accuracy.values())
@@ -570,7 +552,7 @@ def test_fuzz_ecos_client_query_checks(ecos_setup, data, tmp_path_factory, monke
     try:
         if not isinstance(content.get("centroids"), ArrayRecord):
             raise QueryRejected("no centroids")
-        message = _sent(BAD, "query.ecos", content)
+        message = server_message(BAD, "query.ecos", content)
         centroids = ecos_client.read_centroids(message, query, {})
     except QueryRejected as exc:
         assert str(exc)
@@ -610,7 +592,7 @@ def test_fuzz_ecos_client_handler(ecos_setup, data, monkeypatch):
     content = data.draw(ecos_queries(base))
     before = _client_state(ctx, ledger)
     with captured_log() as lines:
-        reply = ecos_client.handle_ecos_query(_sent(BAD, "query.ecos", content), ctx)
+        reply = ecos_client.handle_ecos_query(server_message(BAD, "query.ecos", content), ctx)
     if "refusal" in reply.content:
         assert isinstance(reply.content["refusal"]["reason"], str)
         assert _client_state(ctx, ledger) == before
@@ -729,7 +711,7 @@ def test_fuzz_dssgd_client_task_checks(dssgd_setup, data, monkeypatch):
     train, _, num_params, folder = dssgd_setup
     monkeypatch.setenv("FLWR_HOME", str(folder))
     content = data.draw(dssgd_messages(train))
-    message = _sent(BAD, "train.dssgd", content)
+    message = server_message(BAD, "train.dssgd", content)
     node_config = {
         "partition-id": 0,
         "num-partitions": 3,
@@ -774,7 +756,8 @@ def test_fuzz_dssgd_client_global_weights_of_the_wrong_shape(dssgd_setup, params
     node_config = {"partition-id": 0, "num-partitions": 3}
     ctx = Context(run_id=1, node_id=BAD, node_config=node_config, state=RecordDict(), run_config={})
     with captured_log() as lines:
-        reply = dssgd_client.handle_dssgd_evaluate(_sent(BAD, "evaluate.dssgd", content), ctx)
+        message = server_message(BAD, "evaluate.dssgd", content)
+        reply = dssgd_client.handle_dssgd_evaluate(message, ctx)
     if "refusal" in reply.content:
         assert _names(lines, BAD) and len(ctx.state) == 0
         return
@@ -805,7 +788,7 @@ def test_a_query_declaring_a_billion_centroids_is_refused_before_allocating(ecos
     content["ecos"]["num-centroids"] = 10**9
     dim = int(content["ecos"]["dim"])
     content["centroids"] = ArrayRecord({"centroids": _forged("float32", (10**9, dim), 0)})
-    message = _sent(BAD, "query.ecos", content)
+    message = server_message(BAD, "query.ecos", content)
     ctx = Context(
         run_id=1, node_id=BAD, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
     )
@@ -825,7 +808,7 @@ def test_a_query_declaring_a_billion_centroids_is_refused_before_allocating(ecos
 
 def test_forged_headers_are_refused_before_allocating_on_the_server():
     bomb = _forged("float64", (10**9,), 16)
-    reply = _reply_from(BAD, "query.ecos", RecordDict({"scores": ArrayRecord({"s": bomb})}))
+    reply = reply_from(BAD, "query.ecos", RecordDict({"scores": ArrayRecord({"s": bomb})}))
     errors = []
 
     def validate():
@@ -840,7 +823,7 @@ def test_forged_headers_are_refused_before_allocating_on_the_server():
     upload = ArrayRecord({"indices": _forged("int64", (10**10,), 8), "values": bomb})
     content = RecordDict({"upload": upload, "metrics": MetricRecord(GOOD_UPLOAD_METRICS)})
     peak = _peak_bytes(
-        lambda: strategy.aggregate_train(1, [_reply_from(BAD, "train.dssgd", content)])
+        lambda: strategy.aggregate_train(1, [reply_from(BAD, "train.dssgd", content)])
     )
     assert peak < LIMIT and "exceed the maximum" in str(strategy.rejected[-1])
 

@@ -27,6 +27,15 @@ class RecordingFedAvg(FedAvg):
         self.last_evaluation: dict[int, MetricRecord] = {}
         self.errors: dict[int, str] = {}
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's weighted average, over the replies in node-id order: Flower samples the
+        nodes in random order, and floating-point sums depend on the order, so without this a
+        run with the same seed would not repeat exactly."""
+        ordered = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        return super().aggregate_train(server_round, ordered)
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
