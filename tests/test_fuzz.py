@@ -604,6 +604,18 @@ def test_fuzz_ecos_client_handler(ecos_setup, data, monkeypatch):
     assert array.numpy().shape == (k,) and np.all(np.isfinite(array.numpy()))
 
 
+def test_an_extractor_whose_output_overflows_is_refused_not_a_crash(ecos_setup, tmp_path):
+    """Found by the fuzzer: a PCA scale of ~1e38 makes float32 features infinite."""
+    base, _ = ecos_setup
+    content = copy.deepcopy(base.content)
+    content["extractor"]["scale"] = Array(np.full(8, 3e38, dtype=np.float32))
+    node_config = {"partition-id": 0, "num-partitions": 3, "ledger-path": str(tmp_path / "l")}
+    ctx = Context(run_id=1, node_id=BAD, node_config=node_config, state=RecordDict(), run_config={})
+    reply = ecos_client.handle_ecos_query(server_message(BAD, "query.ecos", content), ctx)
+    assert "non-finite features" in reply.content["refusal"]["reason"]
+    assert not (tmp_path / "l").exists()  # nothing charged
+
+
 _PRIMED: dict = {}
 
 

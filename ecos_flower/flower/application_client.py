@@ -125,8 +125,13 @@ def handle_knn_query(msg: Message, context: Context) -> Message:
     except QueryRejected as exc:
         return _refusal(msg, f"kNN query rejected: {exc}")
     shard = client_shard(msg.content["config"], context.node_config)
-    own = extractor.transform(shard.train.images, progress=False)
-    if own.shape[1] != features.shape[1]:
+    try:
+        own = extractor.transform(shard.train.images, progress=False)
+    except Exception as exc:  # weights that do not fit this node's images
+        return _refusal(msg, f"kNN query rejected: extractor does not apply here: {exc}")
+    if not np.all(np.isfinite(own)):
+        return _refusal(msg, "kNN query rejected: extractor gives non-finite features here")
+    if own.ndim != 2 or own.shape[1] != features.shape[1]:
         return _refusal(
             msg,
             f"kNN query rejected: features have {features.shape[1]} dims, "

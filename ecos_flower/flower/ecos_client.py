@@ -228,6 +228,8 @@ def handle_ecos_query(msg: Message, context: Context) -> Message:
             f"centroids have dim {centroids.shape[1]}"
         )
         return refuse(reason)
+    if not np.all(np.isfinite(features)):  # e.g. a shipped scale that overflows float32
+        return refuse("query rejected: extractor gives non-finite features on this node's data")
     mode = str(query.get("score-mode", "nearest"))
     max_per_sample = int(query.get("max-per-sample", 1))
     radius = float(query["radius"]) if "radius" in query else None
