@@ -248,17 +248,16 @@ def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpe
 
 def finetune_head(
     spec: FinetuneSpec,
-    model: torch.nn.Module,
-    shard_images: torch.Tensor,
+    received: torch.nn.Linear,
+    features: torch.Tensor,
     labels: torch.Tensor,
     noise_multiplier: float,
     seed: int,
-    device: str,
 ) -> FinetuneResult:
-    """Run the requested DP head fitting on this node's frozen features (already charged)."""
-    features = head_features(model, shard_images, device=device)
-    classes = model.classifier.out_features
-    init = None if spec.init == "zero" else model.classifier
+    """Run the requested DP head fitting on this node's frozen features (the received model's
+    `embed` of its train split), starting from zero or the `received` head; already charged."""
+    classes = received.out_features
+    init = None if spec.init == "zero" else received
     common = {"epsilon": spec.epsilon, "delta": spec.delta, "seed": seed}
     if spec.method == "dp-least-squares":
         return dp_least_squares_head(
@@ -334,8 +333,9 @@ def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
         content["finetune-refusal"] = ConfigRecord({"reason": str(exc)})
     else:
         seed = int(noise_generator(context.node_config, len(ledger.releases)).integers(2**62))
+        features = head_features(model, shard.train.images, device=device)
         result = finetune_head(
-            spec, model, shard.train.images, shard.train.labels, noise_multiplier, seed, device
+            spec, model.classifier, features, shard.train.labels, noise_multiplier, seed
         )
         model.classifier = result.head
         accuracy, loss = evaluate_accuracy(
