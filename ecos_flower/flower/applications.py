@@ -447,6 +447,31 @@ def record_finetune(strategy: EcosStrategy, replies: Iterable[Message]) -> dict[
     }
 
 
+def evaluate_model(
+    strategy: EcosStrategy,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    grid: Any,
+    public_images: torch.Tensor,
+    public_indices: np.ndarray | None = None,
+) -> tuple[list[Message], dict[str, Any]]:
+    """The evaluate round: every client scores `model` on its test split; with finetune-epsilon
+    > 0 each first refits the head with DP (`evaluate.finetune`, features normalised by the
+    scale of the public images, or of those at `public_indices`). Returns the messages sent and
+    the report's extras."""
+    messages = strategy.configure_evaluate(
+        1, ArrayRecord(model.state_dict()), client_config(config), grid
+    )
+    if finetune_enabled(config):
+        images = public_images if public_indices is None else public_images[public_indices]
+        scale = public_feature_scale_of(model, images, str(config["device"]))
+        messages = finetune_messages(messages, config, scale)
+    replies = list(grid.send_and_receive(messages, timeout=float(config["timeout"])))
+    strategy.aggregate_evaluate(1, replies)
+    extra = record_finetune(strategy, replies) if finetune_enabled(config) else {}
+    return messages, extra
+
+
 def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
     """Method `dp-linear-probe`: the cloud trains the task model on the whole labelled public
     pool; every client fine-tunes its classifier head with DP-SGD and reports test accuracy."""
@@ -468,16 +493,7 @@ def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
     with timer("cloud-training"):
         model = pool_model(config, federation, str(config["model"]))
     with timer("evaluate"):
-        messages = finetune_messages(
-            strategy.configure_evaluate(
-                1, ArrayRecord(model.state_dict()), client_config(config), metered
-            ),
-            config,
-            public_feature_scale_of(model, federation.pool.images, str(config["device"])),
-        )
-        replies = list(metered.send_and_receive(messages, timeout=float(config["timeout"])))
-        strategy.aggregate_evaluate(1, replies)
-        extra = record_finetune(strategy, replies)
+        _, extra = evaluate_model(strategy, model, config, metered, federation.pool.images)
     if not strategy.accuracy:
         raise RuntimeError(no_results_message({e.node_id: e.problem for e in strategy.rejected}))
     report = RunReport(

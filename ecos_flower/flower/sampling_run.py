@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -34,10 +33,7 @@ from ecos_flower.ecos import (
 )
 from ecos_flower.flower.applications import (
     APPLICATION_FUNCTIONS,
-    finetune_enabled,
-    finetune_messages,
-    public_feature_scale_of,
-    record_finetune,
+    evaluate_model,
 )
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.payload import MeteredGrid
@@ -182,18 +178,12 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         )
         model = use_selection(context)
     extra.update(context.extra)
-    with timer("evaluate"):
-        messages = strategy.configure_evaluate(
-            1, ArrayRecord(model.state_dict()), client_config(config), metered
-        )
-        if finetune_enabled(config):  # clients fine-tune the head with DP, then evaluate
-            scale = public_feature_scale_of(model, pool.images[selected], str(config["device"]))
-            messages = finetune_messages(messages, config, scale)
-        replies = list(metered.send_and_receive(messages, timeout=float(config["timeout"])))
+    with timer("evaluate"):  # (clients fine-tune the head with DP first, if configured)
         rejected_before = len(strategy.rejected)
-        strategy.aggregate_evaluate(1, replies)
-        if finetune_enabled(config):
-            extra.update(record_finetune(strategy, replies))
+        messages, evaluate_extra = evaluate_model(
+            strategy, model, config, metered, pool.images, selected
+        )
+        extra.update(evaluate_extra)
     dropped += drop_events(
         "evaluate",
         1,
