@@ -18,12 +18,14 @@ from ecos_flower.applications import (
     knn_votes,
     noisy_votes,
     pseudo_label_train,
+    semi_supervised,
     train_teacher,
 )
 from ecos_flower.applications.finetune import calibrate_noise, make_private_head
 from ecos_flower.models import build_model, evaluate_accuracy
-from ecos_flower.privacy import PrivacyLedger, analytic_gaussian_sigma
+from ecos_flower.privacy import analytic_gaussian_sigma
 from ecos_flower.privacy._opacus import compute_rdp, get_privacy_spent
+from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
 
@@ -122,31 +124,67 @@ def test_distillation_on_a_small_unlabelled_proxy_set_improves_the_student(digit
 
 
 # ---------------------------------------------------------------- pseudo-labelling
-def test_pseudo_labelling_is_at_least_as_good_as_supervised_only(digits):
+PSEUDO_SEEDS = (4, 5, 6)
+
+
+def _pseudo_label_gains(digits, *, shuffle_pseudo_labels: bool = False):
+    """Per seed: (accuracy with pseudo-labelling) - (accuracy of supervised-only training from
+    the same initialisation and labelled set), and the first round's stats."""
     images, labels = digits
     labelled, unlabelled, test = slice(0, 60), slice(60, 1200), slice(1200, None)
-    common = {"epochs": 30, "batch_size": 32, "learning_rate": 0.05, "seed": 0}
-    supervised = build_model("small-cnn", 10, 1, 8, seed=0)
-    pseudo_label_train(
-        supervised, images[labelled], labels[labelled], images[unlabelled][:0], rounds=0, **common
-    )
-    semi = build_model("small-cnn", 10, 1, 8, seed=0)
-    stats = pseudo_label_train(
-        semi,
-        images[labelled],
-        labels[labelled],
-        images[unlabelled],
-        rounds=2,
-        threshold=0.95,
-        round_epochs=3,
-        unlabelled_truth=labels[unlabelled],
-        **common,
-    )
-    sup_acc, _ = evaluate_accuracy(supervised, images[test], labels[test])
-    semi_acc, _ = evaluate_accuracy(semi, images[test], labels[test])
-    assert stats.kept[0] > 100  # confident pseudo-labels were used
-    assert stats.correct[0] / stats.kept[0] > 0.75  # mostly right
-    assert semi_acc >= sup_acc
+    gains, first_rounds = [], []
+    for seed in PSEUDO_SEEDS:
+        common = {"epochs": 30, "batch_size": 32, "learning_rate": 0.05, "seed": seed}
+        supervised = build_model("small-cnn", 10, 1, 8, seed=seed)
+        pseudo_label_train(
+            supervised, images[labelled], labels[labelled], images[:0], rounds=0, **common
+        )
+        semi = build_model("small-cnn", 10, 1, 8, seed=seed)
+        original = semi_supervised.predict_proba
+        if shuffle_pseudo_labels:  # a broken pseudo-labeller: confident guesses, wrong samples
+
+            def shuffled(model, images, _original=original, **kwargs):  # noqa: ANN001, ANN202
+                probabilities = _original(model, images, **kwargs)
+                order = torch.randperm(
+                    len(probabilities), generator=torch.Generator().manual_seed(1)
+                )
+                return probabilities[order]
+
+            semi_supervised.predict_proba = shuffled
+        try:
+            stats = pseudo_label_train(
+                semi,
+                images[labelled],
+                labels[labelled],
+                images[unlabelled],
+                rounds=3,
+                threshold=0.9,
+                round_epochs=5,
+                unlabelled_truth=labels[unlabelled],
+                **common,
+            )
+        finally:
+            semi_supervised.predict_proba = original
+        sup_acc, _ = evaluate_accuracy(supervised, images[test], labels[test])
+        semi_acc, _ = evaluate_accuracy(semi, images[test], labels[test])
+        gains.append(semi_acc - sup_acc)
+        first_rounds.append((stats.kept[0], stats.correct[0]))
+    return np.array(gains), first_rounds
+
+
+def test_pseudo_labelling_beats_supervised_only_and_the_check_catches_a_broken_labeller(digits):
+    """Paired over several seeds (same init and labelled set), so the verdict does not hang on
+    one run's float kernels: pseudo-labelling earns a clear mean gain (measured about +3.6
+    points; asserted +1), never loses more than 2 points on a seed, and the same check fails
+    for pseudo-labels shuffled across samples (measured about -11 points)."""
+    gains, first_rounds = _pseudo_label_gains(digits)
+    for kept, correct in first_rounds:
+        assert kept > 100  # confident pseudo-labels were used
+        assert correct / kept > 0.75  # mostly right
+    assert gains.mean() >= 0.01, gains
+    assert gains.min() >= -0.02, gains
+    broken, _ = _pseudo_label_gains(digits, shuffle_pseudo_labels=True)
+    assert broken.mean() < 0.01, broken
 
 
 # -------------------------------------------------------------------- Opacus DP-SGD
@@ -206,23 +244,33 @@ def test_opacus_adds_gaussian_noise_of_std_z_times_clip():
     assert abs(noise.mean().item()) < 4 * z * clip / math.sqrt(noise.numel())
 
 
-def test_accounted_epsilon_matches_opacus_rdp_for_the_steps_taken():
+def test_full_batch_dp_sgd_is_calibrated_exactly_and_reports_opacus_rdp_for_reference():
     x, y = _problem(n=200)
     steps, delta = 30, 1e-5
     result = dp_finetune_head(x, y, 3, epsilon=1.0, delta=delta, steps=steps, seed=0)
     assert result.steps == steps and result.sample_rate == 1.0
     assert result.noise_multiplier == pytest.approx(calibrate_noise(1.0, delta, steps))
-    assert 0.95 <= result.epsilon_opacus <= 1.0
-    # Opacus' RDP analysis of `steps` full-batch steps with this multiplier...
+    # T full-batch steps of z are one Gaussian of z / sqrt(T): the exact single-release
+    # multiplier, whose exact epsilon (the ledger's charge) is the target.
+    single = analytic_gaussian_sigma(1.0, delta, 1.0)
+    assert result.noise_multiplier == pytest.approx(single * math.sqrt(steps), rel=1e-12)
+    assert result.effective_noise_multiplier == pytest.approx(single, rel=1e-12)
+    assert analytic_gaussian_epsilon(result.effective_noise_multiplier, delta) == pytest.approx(
+        1.0, rel=1e-6
+    )
+    # Opacus' RDP analysis of `steps` full-batch steps with this multiplier is what is
+    # reported as `epsilon_opacus`; RDP is looser than the exact composition, so it reads higher.
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = compute_rdp(q=1.0, noise_multiplier=result.noise_multiplier, steps=steps, orders=orders)
     opacus_eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     assert result.epsilon_opacus == pytest.approx(opacus_eps, rel=1e-6)
-    # ...equals the client's ledger charged with the one equivalent Gaussian release (RDP), and
-    # exact Gaussian-DP composition (the ledger's default) is never looser.
-    ledger = PrivacyLedger(10.0, delta, accountant="rdp")
-    assert ledger.charge(result.effective_noise_multiplier) == pytest.approx(opacus_eps, rel=0.02)
-    gdp = PrivacyLedger(10.0, delta, accountant="gdp")
-    assert gdp.charge(result.effective_noise_multiplier) <= opacus_eps
+    assert 1.0 < result.epsilon_opacus < 1.3
+    # Opacus' own (RDP) calibration to the same target needs more noise.
+    from opacus.accountants.utils import get_noise_multiplier
+
+    rdp_z = get_noise_multiplier(
+        target_epsilon=1.0, target_delta=delta, sample_rate=1.0, steps=steps, accountant="rdp"
+    )
+    assert rdp_z > 1.05 * result.noise_multiplier
     # A zero-initialised head learns something on a separable problem even under DP.
     assert result.head.weight.abs().sum() > 0

@@ -22,6 +22,7 @@ def test_ecos_runs_over_grpc_with_two_supernodes_and_per_node_budgets(tmp_path, 
             "num-partitions": 2,
             "epsilon-limit": 3.0,
             "ledger-path": str(ledgers / f"node-{i}.json"),
+            "report-metrics": True,  # a deployed node sends exact test metrics only if told to
         }
         for i in range(2)
     ]
@@ -54,7 +55,7 @@ def test_ecos_runs_over_grpc_with_two_supernodes_and_per_node_budgets(tmp_path, 
     # Each SuperNode charged its own on-disk ledger, named in its node config.
     for i in range(2):
         stored = json.loads((ledgers / f"node-{i}.json").read_text())
-        assert len(stored["releases"]) == 1 and stored["epsilon_limit"] == 3.0
+        assert len(stored["events"]) == 1 and stored["events"][0]["kind"] == "gaussian"
     # Every process the test started (and their children) is gone.
     for pid in started:
         assert not _descendants(pid)

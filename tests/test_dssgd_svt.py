@@ -1,5 +1,5 @@
-"""The sparse vector technique: release count bound, noise scales, vectorised vs reference
-agreement."""
+"""The sparse vector technique: release count bound, noise scales, true cost, noise on the
+clipped value, vectorised vs reference agreement."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from ecos_flower.dssgd.svt import svt_scales, svt_select, svt_select_reference
+from ecos_flower.privacy.noise import NoiseSource
 
 BOTH = [svt_select, svt_select_reference]
 
@@ -17,10 +18,11 @@ def test_scales_published_and_corrected():
     assert s.threshold == pytest.approx(2 * 10 / 8)
     assert s.query == pytest.approx(4 * 10 / 8)
     assert s.release == pytest.approx(2 * 10 / 2)
-    assert s.epsilon_spent == pytest.approx(10.0)  # 10/9 of 9: the published inconsistency
+    # True cost eps1/2 + eps2/2 = 4 + 1 = 5/9 of 9 (not the nominal eps1 + eps2 = 10/9 of 9).
+    assert s.epsilon_spent == pytest.approx(5.0)
     c = svt_scales(9.0, count=10, gamma=0.5, split="corrected")
     assert c.release == pytest.approx(2 * 10 / 1)
-    assert c.epsilon_spent == pytest.approx(9.0)
+    assert c.epsilon_spent == pytest.approx(4.5)  # 4 + 1/2: half of eps
     with pytest.raises(ValueError):
         svt_scales(0.0, 10, 0.5)
     with pytest.raises(ValueError):
@@ -39,7 +41,7 @@ def test_never_more_than_c(fn, tau):
         assert len(upd) <= 150
         assert len(np.unique(upd.indices)) == len(upd)
         assert np.all(np.abs(upd.values) <= np.float32(1e-3))
-        assert eps == pytest.approx(5.0 * 10 / 9)
+        assert eps == pytest.approx(5.0 * 5 / 9)
     if tau == -1e9:
         assert len(upd) == 150
     if tau == 1e9:
@@ -111,3 +113,69 @@ def test_vectorised_chunks_and_carry():
     delta[hot] = 1.0
     upd, _ = svt_select(delta, 0.1, epsilon=1e9, gamma=1.0, tau=0.5, rng=np.random.default_rng(1))
     assert sorted(upd.indices.tolist()) == sorted(hot.tolist())
+
+
+@pytest.mark.parametrize("fn", BOTH)
+def test_release_noise_is_on_the_clipped_value(fn):
+    """Entries all 50 gamma release exactly like entries exactly gamma (KS), clipped to gamma.
+
+    Before the fix the noise went on the raw 50 gamma: 97 % of the releases were +gamma, against
+    51 % for entries at gamma, and this test failed (KS p-value 2e-75).
+    """
+    gamma, n, theta = 1e-3, 2000, 0.05
+    c = 100
+    released = {}
+    for name, value in (("far", 50 * gamma), ("at", gamma)):
+        delta = np.full(n, value, np.float32)
+        vals = []
+        for seed in range(8):
+            rng = np.random.default_rng([7 if name == "far" else 8, seed])
+            upd, _ = fn(delta, theta, epsilon=float(c), gamma=gamma, tau=-1.0, rng=rng)
+            assert len(upd) == c
+            vals.append(upd.values.astype(np.float64))
+        released[name] = np.concatenate(vals)
+        assert np.all(np.abs(released[name]) <= np.float32(gamma))
+    far, at = released["far"], released["at"]
+    assert 0.2 < np.mean(at < gamma * (1 - 1e-6)) < 0.8  # values inside (-gamma, gamma) occur
+    assert stats.ks_2samp(far, at).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("fn", BOTH)
+def test_non_finite_entries_are_clipped(fn):
+    delta = np.array([np.nan, np.inf, -np.inf, 0.5], np.float32)
+    upd, _ = fn(delta, 1.0, epsilon=1e9, gamma=1e-3, tau=-1.0, rng=np.random.default_rng(0))
+    assert len(upd) == 4
+    assert np.all(np.isfinite(upd.values)) and np.all(np.abs(upd.values) <= np.float32(1e-3))
+    # Noise scale 2 * 4 * 2e-3 / (2/9 * 1e9) ~ 7e-11: the values are clip(dw) up to it.
+    np.testing.assert_allclose(upd.values, [0.0, 1e-3, -1e-3, 1e-3], atol=1e-6)
+
+
+def test_accepts_noise_source_and_rejects_no_rng():
+    delta = np.random.default_rng(0).normal(0, 1e-3, 1000).astype(np.float32)
+    for source in (NoiseSource.fresh(), NoiseSource.replayable(1, 2)):
+        upd, eps = svt_select(delta, 0.1, epsilon=100.0, gamma=1e-3, tau=1e-4, rng=source)
+        assert len(upd) == 100 and eps == pytest.approx(100.0 * 5 / 9)
+    with pytest.raises(TypeError):
+        svt_select(delta, 0.1, epsilon=1.0, gamma=1e-3, tau=0.0, rng=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        svt_select(delta, 0.1, epsilon=1.0, gamma=1e-3, tau=0.0, rng=0)  # type: ignore[arg-type]
+
+
+def test_local_step_privacy_noise_comes_from_the_caller():
+    """DP on: no default seed for the noise (TypeError without rng); charges the true cost."""
+    import torch
+
+    from ecos_flower.dssgd.participant import local_step
+    from ecos_flower.models.nets import PaperMLP
+
+    torch.manual_seed(0)
+    model = PaperMLP(3, 1, 4)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (32,), generator=g)
+    x = torch.randn(32, 1, 4, 4, generator=g)
+    kw = {"batch_size": 16, "seed": 0, "theta_u": 0.1, "gamma": 1e-3, "tau": 1e-4}
+    with pytest.raises(TypeError, match="noise source"):
+        local_step(model, x, y, dp_epsilon=3.0, **kw)
+    upd, eps = local_step(model, x, y, dp_epsilon=3.0, rng=NoiseSource.fresh(), **kw)
+    assert eps == pytest.approx(3.0 * 5 / 9)
+    assert np.all(np.abs(upd.values) <= np.float32(1e-3))

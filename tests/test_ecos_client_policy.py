@@ -1,46 +1,96 @@
-"""The client, not the server, decides its privacy: a server can lower a node's default budget but
-never raise it, and cannot buy a small sigma with a large delta."""
+"""The node, not the server, decides its privacy: its policy, limit and delta come from its node
+config only; a message can neither set a limit nor buy a small sigma with a large delta."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
 
-from ecos_flower.flower.ecos_client import (
-    DEFAULT_EPSILON_LIMIT,
-    QueryRejected,
-    check_query_fields,
-    ledger_for,
-)
+from ecos_flower.flower.ecos_client import QueryRejected, check_query_fields
+from ecos_flower.privacy.policy import MECHANISMS, OPT_IN, NodePolicy, PolicyError
 
 
-def _context(tmp_path, **node_config) -> Context:
-    config = {"partition-id": 0, "ledger-path": str(tmp_path / "ledger.json"), **node_config}
-    return Context(run_id=1, node_id=5, node_config=config, state=RecordDict(), run_config={})
+def _query(**fields) -> dict:
+    from flwr.app import ConfigRecord
 
-
-def _query(**fields) -> ConfigRecord:
     base = {"num-centroids": 4, "dim": 3, "noise": True, "epsilon": 1.0, "delta": 1e-5}
     return ConfigRecord({**base, **fields})
 
 
+def test_a_node_outside_a_simulation_is_private_and_needs_its_own_ledger_and_limit():
+    policy = NodePolicy.from_node_config({"partition-id": 0}, simulated=False)
+    assert policy.mode == "private"
+    reason = policy.refusal("ecos-counts")
+    assert reason is not None and "ledger-path" in reason
+    named = NodePolicy.from_node_config(
+        {"ledger-path": "/tmp/x.json", "epsilon-limit": 3.0}, simulated=False
+    )
+    assert named.refusal("ecos-counts") is None
+    assert named.epsilon_limit == 3.0
+    # A ledger without a limit is not enough: the limit never comes from a message.
+    no_limit = NodePolicy.from_node_config({"ledger-path": "/tmp/x.json"}, simulated=False)
+    assert no_limit.refusal("ecos-counts") is not None
+
+
+@pytest.mark.parametrize("mechanism", OPT_IN)
+def test_a_private_node_refuses_every_non_private_mechanism_unless_its_operator_opts_in(mechanism):
+    node = {"ledger-path": "/tmp/x.json", "epsilon-limit": 3.0}
+    assert NodePolicy.from_node_config(node, simulated=False).refusal(mechanism) is not None
+    opted = NodePolicy.from_node_config({**node, "allow": mechanism}, simulated=False)
+    assert opted.refusal(mechanism) is None
+    others = [m for m in OPT_IN if m != mechanism]
+    assert all(opted.refusal(m) is not None for m in others)
+
+
+def test_exact_metrics_leave_a_private_node_only_with_report_metrics():
+    node = {"ledger-path": "/tmp/x.json", "epsilon-limit": 3.0}
+    assert NodePolicy.from_node_config(node, simulated=False).refusal("evaluation-metrics")
+    opted = NodePolicy.from_node_config({**node, "report-metrics": True}, simulated=False)
+    assert opted.refusal("evaluation-metrics") is None
+
+
+def test_a_simulated_node_answers_everything_and_has_no_limit_unless_it_sets_one():
+    policy = NodePolicy.from_node_config({"partition-id": 0}, simulated=True)
+    assert policy.research
+    assert all(policy.refusal(m) is None for m in MECHANISMS)
+    assert math.isinf(policy.epsilon_limit)
+    limited = NodePolicy.from_node_config({"epsilon-limit": 2.0}, simulated=True)
+    assert limited.epsilon_limit == 2.0
+
+
+def test_the_operators_word_beats_the_detection():
+    assert NodePolicy.from_node_config({"privacy-policy": "private"}, simulated=True).mode == (
+        "private"
+    )
+    assert NodePolicy.from_node_config({"privacy-policy": "research"}, simulated=False).research
+
+
+def test_replayable_noise_is_refused_on_a_private_node():
+    with pytest.raises(PolicyError, match="noise-seed"):
+        NodePolicy.from_node_config({"noise-seed": 3}, simulated=False)
+    assert NodePolicy.from_node_config({"noise-seed": 3}, simulated=True).noise_seed == 3
+
+
 @pytest.mark.parametrize(
-    ("suggested", "expected"), [(1e6, DEFAULT_EPSILON_LIMIT), (2.0, 2.0), (None, 10.0)]
+    ("key", "value"),
+    [
+        ("privacy-policy", "lax"),
+        ("allow", "everything"),
+        ("epsilon-limit", -1.0),
+        ("epsilon-limit", "x"),
+        ("delta", 2.0),
+        ("report-metrics", "maybe"),
+    ],
 )
-def test_a_server_can_lower_but_never_raise_the_default_limit(tmp_path, suggested, expected):
-    query = _query() if suggested is None else _query(**{"client-epsilon-limit": suggested})
-    assert ledger_for(_context(tmp_path), query).epsilon_limit == expected
+def test_invalid_privacy_settings_name_the_key(key, value):
+    with pytest.raises(PolicyError, match=key):
+        NodePolicy.from_node_config({key: value}, simulated=False)
 
 
-def test_the_node_config_limit_rules_whatever_the_server_suggests(tmp_path):
-    context = _context(tmp_path, **{"epsilon-limit": 3.0})
-    ledger = ledger_for(context, _query(**{"client-epsilon-limit": 0.5}))
-    assert ledger.epsilon_limit == 3.0
-
-
-def test_the_ledger_delta_is_the_nodes_not_the_servers(tmp_path):
-    assert ledger_for(_context(tmp_path), _query(delta=5e-5)).delta == 1e-5
-    assert ledger_for(_context(tmp_path / "b", delta=1e-6), _query()).delta == 1e-6
+def test_the_ledger_delta_is_the_nodes_not_the_servers():
+    assert NodePolicy.from_node_config({}, simulated=True).delta == 1e-5
+    assert NodePolicy.from_node_config({"delta": 1e-6}, simulated=True).delta == 1e-6
 
 
 def test_a_query_with_a_delta_above_the_nodes_maximum_is_refused():

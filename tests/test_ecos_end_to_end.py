@@ -22,7 +22,7 @@ from ecos_flower.ecos import (
     score_sensitivity,
     suggest_num_clusters,
 )
-from ecos_flower.privacy import GaussianMechanism, PrivacyLedger
+from ecos_flower.privacy import GaussianMechanism, NodeLedger, PrivacyEvent
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def _run(pool_feats, domains, client_feats, client_size, k, seed, threshold=2.0)
     client = client_feats[rng.choice(len(client_feats), client_size, replace=False)]
     comp = compress(pool_feats, k, seed=seed, n_init=1)
     mech = GaussianMechanism.calibrated(1.0, 1e-5, score_sensitivity("nearest"))
-    ledger = PrivacyLedger(2.0, 1e-5)
-    ledger.charge(mech.noise_multiplier, note="ecos scores")
+    ledger = NodeLedger(None, 2.0, 1e-5)
+    ledger.charge(PrivacyEvent.gaussian(mech.noise_multiplier, note="ecos scores"))
     noisy = mech.release(coverage_scores(client, comp.centroids), rng)
     scores = aggregate_scores([noisy], mech.sigma, threshold, cluster_sizes=comp.cluster_sizes)
     ecos = EcosSampler(pool_feats, comp, scores, seed).select(200)

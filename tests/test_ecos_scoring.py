@@ -82,10 +82,10 @@ def test_input_validation() -> None:
         coverage_scores(x, c[:, :4])
     with pytest.raises(ValueError, match="2-D"):
         coverage_scores(x[0], c)
-    bad = x.copy()
-    bad[3, 1] = np.nan
+    bad_c = c.copy()
+    bad_c[0, 0] = np.inf  # the server's centroids: message-only, may be refused
     with pytest.raises(ValueError, match="NaN"):
-        coverage_scores(bad, c)
+        coverage_scores(x, bad_c)
     with pytest.raises(ValueError, match="radius"):
         coverage_scores(x, c, mode="radius")
     with pytest.raises(ValueError):
@@ -93,7 +93,19 @@ def test_input_validation() -> None:
     with pytest.raises(ValueError):
         coverage_scores(x, c, chunk_size=0)
     with pytest.raises(ValueError, match="empty"):
-        coverage_scores(x[:0], c)
+        coverage_scores(x, c[:0])
+
+
+def test_private_features_never_raise() -> None:
+    """Scoring is total in the private data: a non-finite row is dropped (not an error) and an
+    empty local set scores zeros (see tests/test_mechanisms_total.py for the full property)."""
+    x, c = _data(2)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    bad[7, 0] = np.inf
+    expected = coverage_scores(np.delete(x, [3, 7], axis=0), c)
+    assert np.array_equal(coverage_scores(bad, c), expected)
+    assert np.array_equal(coverage_scores(x[:0], c), np.zeros(len(c)))
 
 
 def test_aggregate_sums_clips_and_thresholds() -> None:

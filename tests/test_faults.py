@@ -3,10 +3,12 @@ crash mid-write; restarted clients; a server that re-sends or repeats queries.
 
 - Up to half of the clients may fail: ECOS and DSSGD rounds go on with the rest while at least
   `min-clients` answer, fail clearly below it, and the report names who dropped and why.
-- A ledger file is always the old or the new complete state, whatever step of a write dies
-  (checked by killing a forked child at each step), and a restarted client resumes from it.
-- Every answer is charged: re-sending or repeating the same query cannot make a client spend past
-  its limit, before or after a restart.
+- A node's one lifetime ledger (and its witness) is always the old or the new complete state,
+  whatever step of either file's write dies (checked by killing a forked child at each step), and
+  a restarted client resumes from it.
+- Every answer is charged, before the node reads its data: re-sending or repeating the same query
+  cannot make a client spend past its limit, before or after a restart, and a handler that fails
+  after the charge keeps it (and answers a refusal that carries no exception text).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 import ecos_flower.flower.ecos_client as ecos_client
 import ecos_flower.privacy.ledger as ledger_module
-import ecos_flower.privacy.pure_dp as pure_dp_module
 from ecos_flower.client_app import app as client_app
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import flatten_params
@@ -32,10 +33,10 @@ from ecos_flower.flower.dssgd_run import make_strategy
 from ecos_flower.flower.ecos_client import handle_ecos_query
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid, set_server_identity
+from ecos_flower.flower.release import INTERNAL_FAILURE
 from ecos_flower.flower.settings import DEFAULT_RUN_CONFIG, client_config, merge_run_config
 from ecos_flower.flower.validation import NO_REPLY
-from ecos_flower.privacy import PrivacyLedger
-from ecos_flower.privacy.pure_dp import PureDPLedger
+from ecos_flower.privacy import NodeLedger, PrivacyEvent, compose_epsilon
 
 NUM_NODES = 6
 CRASH, OFFLINE, LOST = 1, 3, 4  # node indices: raises, never answers, works but reply is lost
@@ -108,7 +109,7 @@ def test_ecos_completes_without_half_of_its_clients_and_names_them(scenario, tmp
     # The disconnected client did answer (and paid for it): its ledger holds the release, even
     # though the server never saw its scores. The offline and crashed ones spent nothing.
     ledgers = tmp_path / "ledgers"
-    assert len(json.loads((ledgers / f"node-{LOST}.json").read_text())["releases"]) == 1
+    assert len(json.loads((ledgers / f"node-{LOST}.json").read_text())["events"]) == 1
     assert not (ledgers / f"node-{OFFLINE}.json").exists()
     assert not (ledgers / f"node-{CRASH}.json").exists()
     json.dumps(report.to_json())  # the drop report is JSON-ready
@@ -197,14 +198,33 @@ def test_dssgd_min_clients_above_the_connected_nodes_is_refused_at_start(tmp_pat
 
 
 # ------------------------------------------------------------- ledger crash safety
-def _die_at(step: str, monkeypatch, module) -> None:
-    """In a forked child: make `step` of the ledger write end the process on the spot
-    (os._exit: no cleanup, no finally), as a power cut or SIGKILL would."""
+# Calls each patched step makes per atomic file write (`ledger_module._atomic_write`): the file's
+# fsync and then its folder's (`_fsync_folder`). A charge writes the ledger, then its witness.
+CALLS_PER_WRITE = {
+    "mkstemp": 1,
+    "half-written": 1,
+    "written-not-synced": 2,
+    "synced-not-renamed": 1,
+    "renamed": 1,
+}
+WRITES = {"ledger": 0, "witness": 1}  # which of a charge's two atomic writes dies
+
+
+def _die_at(step: str, monkeypatch, module, write: int = 0) -> None:
+    """In a forked child: make `step` of the `write`-th atomic file write (0: the ledger, 1: its
+    witness) end the process on the spot (os._exit: no cleanup, no finally), as a power cut or
+    SIGKILL would; earlier writes go through untouched."""
     real_fdopen, real_fsync, real_replace = os.fdopen, os.fsync, os.replace
     real_mkstemp = module.tempfile.mkstemp
+    calls = {"n": 0}
+    fatal = write * CALLS_PER_WRITE[step] + 1  # the first call of that write
 
     def die():
         os._exit(17)
+
+    def this_one() -> bool:
+        calls["n"] += 1
+        return calls["n"] == fatal
 
     class HalfWriter:
         def __init__(self, handle):
@@ -225,26 +245,49 @@ def _die_at(step: str, monkeypatch, module) -> None:
             return getattr(self.handle, name)
 
     if step == "mkstemp":
-        monkeypatch.setattr(module.tempfile, "mkstemp", lambda *a, **k: die())
+
+        def mkstemp(*args, **kwargs):
+            if this_one():
+                die()
+            return real_mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(module.tempfile, "mkstemp", mkstemp)
     elif step == "half-written":
-        monkeypatch.setattr(module.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+
+        def fdopen(*args, **kwargs):
+            handle = real_fdopen(*args, **kwargs)
+            return HalfWriter(handle) if this_one() else handle
+
+        monkeypatch.setattr(module.os, "fdopen", fdopen)
     elif step == "written-not-synced":
-        monkeypatch.setattr(module.os, "fsync", lambda fd: die())
+
+        def fsync(fd):
+            if this_one():
+                die()
+            return real_fsync(fd)
+
+        monkeypatch.setattr(module.os, "fsync", fsync)
     elif step == "synced-not-renamed":
-        monkeypatch.setattr(module.os, "replace", lambda *a: die())
+
+        def replace(*args):
+            if this_one():
+                die()
+            return real_replace(*args)
+
+        monkeypatch.setattr(module.os, "replace", replace)
     elif step == "renamed":
 
         def replace_then_die(*args):
             real_replace(*args)
-            die()
+            if this_one():
+                die()
 
         monkeypatch.setattr(module.os, "replace", replace_then_die)
     else:
         raise AssertionError(step)
-    del real_fsync, real_mkstemp
 
 
-STEPS = ["mkstemp", "half-written", "written-not-synced", "synced-not-renamed", "renamed"]
+STEPS = list(CALLS_PER_WRITE)
 
 
 def _in_child(action) -> int:
@@ -262,83 +305,128 @@ def _in_child(action) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.parametrize("step", STEPS)
-def test_a_gaussian_ledger_survives_a_crash_at_any_step_of_a_write(tmp_path, monkeypatch, step):
+def _witness(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".witness").read_text())
+
+
+def _crash_mid_charge(tmp_path, monkeypatch, step, target, event, limit) -> tuple[Path, list]:
+    """Charge `event` ("first"), then die at `step` of the `target` file's write while charging
+    it again ("second"); returns the ledger path and the notes stored on disk."""
     path = tmp_path / "ledger.json"
-    ledger = PrivacyLedger(3.0, 1e-5, path, accountant="gdp")
-    ledger.charge(4.0, note="first")
+    ledger = NodeLedger(path, limit, 1e-5)
+    ledger.charge(PrivacyEvent(**{**event.to_dict(), "note": "first"}))
     before = path.read_bytes()
+    witness_before = _witness(path)
 
     def crash_mid_charge():
-        _die_at(step, monkeypatch, ledger_module)
-        ledger.charge(4.0, note="second")
+        _die_at(step, monkeypatch, ledger_module, WRITES[target])
+        ledger.charge(PrivacyEvent(**{**event.to_dict(), "note": "second"}))
 
     assert _in_child(crash_mid_charge) == 17  # died inside the write
     monkeypatch.undo()
     stored = json.loads(path.read_text())  # always complete JSON
-    notes = [r["note"] for r in stored["releases"]]
+    notes = [e["note"] for e in stored["events"]]
     assert notes in (["first"], ["first", "second"])
-    if step == "renamed":
-        assert notes == ["first", "second"]
-    else:
+    witness = _witness(path)  # always complete JSON too, never ahead of the ledger
+    if target == "ledger" and step != "renamed":
+        assert notes == ["first"]
         assert path.read_bytes() == before  # the old state, byte for byte
-    # A restart resumes from what is on disk and never answers past the limit.
-    resumed = PrivacyLedger.open_or_create(path, 3.0, 1e-5, accountant="gdp")
-    assert len(resumed.releases) == len(notes)
+        assert witness == witness_before
+    else:  # the new ledger was in place when the process died
+        assert notes == ["first", "second"]
+        expect_new = target == "witness" and step == "renamed"
+        assert witness["sequence"] == (2 if expect_new else 1)
+    return path, notes
+
+
+@pytest.mark.parametrize("target", list(WRITES))
+@pytest.mark.parametrize("step", STEPS)
+def test_a_gaussian_ledger_survives_a_crash_at_any_step_of_a_write(
+    tmp_path, monkeypatch, step, target
+):
+    event = PrivacyEvent.gaussian(4.0)
+    path, notes = _crash_mid_charge(tmp_path, monkeypatch, step, target, event, 3.0)
+    # A restart resumes from what is on disk (a lagging witness is brought up to date, not
+    # mistaken for a rollback) and never answers past the limit.
+    resumed = NodeLedger.open(path, 3.0, 1e-5)
+    assert len(resumed.events) == len(notes)
+    assert _witness(path)["sequence"] == len(notes)
     answered = 0
     while True:
         try:
-            resumed.charge(4.0)
+            resumed.charge(event)
         except ledger_module.BudgetExceededError:
             break
         answered += 1
         assert answered < 100
     assert resumed.epsilon_spent() <= 3.0
-    fresh = PrivacyLedger(3.0, 1e-5, accountant="gdp")
+    fresh = NodeLedger(None, 3.0, 1e-5)
     allowed = 0
-    while fresh.can_afford(4.0):
-        fresh.charge(4.0)
+    while fresh.epsilon_if(event) <= 3.0:
+        fresh.charge(event)
         allowed += 1
     assert len(notes) + answered == allowed  # the crash cost no budget it did not record
 
 
+@pytest.mark.parametrize("target", list(WRITES))
 @pytest.mark.parametrize("step", STEPS)
-def test_a_pure_dp_ledger_survives_a_crash_at_any_step_of_a_write(tmp_path, monkeypatch, step):
-    path = tmp_path / "ledger-dssgd.json"
-    ledger = PureDPLedger(5.0)
-    ledger.charge(2.0, note="first")
-    ledger.save(path)
-    before = path.read_bytes()
-
-    def crash_mid_save():
-        _die_at(step, monkeypatch, pure_dp_module)
-        ledger.charge(2.0, note="second")
-        ledger.save(path)
-
-    assert _in_child(crash_mid_save) == 17
-    monkeypatch.undo()
-    notes = [c["note"] for c in json.loads(path.read_text())["charges"]]
-    assert notes in (["first"], ["first", "second"])
-    if step != "renamed":
-        assert path.read_bytes() == before
-    resumed = PureDPLedger.load(path)
-    assert resumed.spent == pytest.approx(2.0 * len(notes))
+def test_a_laplace_ledger_survives_a_crash_at_any_step_of_a_write(
+    tmp_path, monkeypatch, step, target
+):
+    """DSSGD's pure-DP (SVT) uploads are Laplace events in the same node ledger."""
+    event = PrivacyEvent.laplace(2.0)
+    path, notes = _crash_mid_charge(tmp_path, monkeypatch, step, target, event, 5.0)
+    resumed = NodeLedger.open(path, 5.0, 1e-5)
+    assert [(e.kind, e.epsilon) for e in resumed.events] == [("laplace", 2.0)] * len(notes)
+    # Pure epsilons compose to at most their sum (basic composition).
+    assert 0 < resumed.epsilon_spent() <= 2.0 * len(notes) * (1 + 1e-12)
 
 
 def test_a_failed_ledger_write_records_nothing_in_memory_or_on_disk(tmp_path, monkeypatch):
     path = tmp_path / "ledger.json"
-    ledger = PrivacyLedger(10.0, 1e-5, path, accountant="gdp")
-    ledger.charge(4.0)
-    before = path.read_bytes()
+    event = PrivacyEvent.gaussian(4.0)
+    ledger = NodeLedger(path, 10.0, 1e-5)
+    ledger.charge(event)
+    before, witness_before = path.read_bytes(), _witness(path)
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ledger_module.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space"):
-        ledger.charge(4.0)
-    assert len(ledger.releases) == 1 and path.read_bytes() == before
+        ledger.charge(event)
+    monkeypatch.undo()
+    assert len(ledger.events) == 1 and path.read_bytes() == before
+    assert _witness(path) == witness_before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # temp file removed
+    # Nothing of the failed charge stayed in memory either: the next one is the second event.
+    assert ledger.charge(event) == pytest.approx(compose_epsilon([event, event], 1e-5))
+    assert len(NodeLedger.open(path, 10.0, 1e-5).events) == 2
+
+
+def test_a_failed_witness_write_keeps_the_charge_and_the_ledger_usable(tmp_path, monkeypatch):
+    """The ledger is written before its witness: a failure in between raises (nothing is
+    released), the charge stays recorded (over-counting, never under-counting) and the lagging
+    witness is repaired on the next open, not mistaken for a rollback."""
+    path = tmp_path / "ledger.json"
+    event = PrivacyEvent.gaussian(4.0)
+    ledger = NodeLedger(path, 10.0, 1e-5)
+    ledger.charge(event)
+    real_replace = os.replace
+
+    def witness_disk_full(src, dst):
+        if str(dst).endswith(".witness"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ledger_module.os, "replace", witness_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ledger.charge(event)
+    monkeypatch.undo()
+    assert len(json.loads(path.read_text())["events"]) == 2
+    assert _witness(path)["sequence"] == 1
+    resumed = NodeLedger.open(path, 10.0, 1e-5)
+    assert len(resumed.events) == 2 and _witness(path)["sequence"] == 2
 
 
 # ------------------------------------------------------ clients: restarts and repeats
@@ -376,15 +464,16 @@ def test_ecos_repeated_query_is_charged_each_time_and_refused_at_the_limit(
     ecos_query, tmp_path, flwr_home
 ):
     path = tmp_path / "ledger.json"
-    node = {"ledger-path": str(path), "epsilon-limit": 2.0, "accountant": "gdp"}
+    node = {"ledger-path": str(path), "epsilon-limit": 2.0}
     context = _context(node)
     replies = [handle_ecos_query(ecos_query, context) for _ in range(10)]
     answered = [_answered(r) for r in replies]
     # epsilon 1 per answer under exact Gaussian composition: 1, ~1.46, ~1.83, ~2.15 > 2.
     assert answered == [True] * 3 + [False] * 7
     assert all("privacy budget exceeded" in r.content["refusal"]["reason"] for r in replies[3:])
-    ledger = PrivacyLedger.load(path, 2.0, 1e-5, accountant="gdp")
-    assert len(ledger.releases) == 3 and ledger.epsilon_spent() <= 2.0
+    ledger = NodeLedger.open(path, 2.0, 1e-5)
+    assert len(ledger.events) == 3 and ledger.epsilon_spent() <= 2.0
+    assert [e.note for e in ledger.events] == ["ecos query, run 1"] * 3
     sigmas = [float(r.content["metrics"]["sigma"]) for r in replies[:3]]
     assert len(set(sigmas)) == 1  # every answer was a full release, each charged
     # Fresh noise per answer: averaging repeats does not get the server the exact counts
@@ -395,29 +484,31 @@ def test_ecos_repeated_query_is_charged_each_time_and_refused_at_the_limit(
 
 def test_a_restarted_ecos_client_never_answers_beyond_its_limit(ecos_query, tmp_path, flwr_home):
     path = tmp_path / "ledger.json"
-    node = {"ledger-path": str(path), "epsilon-limit": 2.0, "accountant": "gdp"}
+    node = {"ledger-path": str(path), "epsilon-limit": 2.0}
     answered = 0
     for _ in range(8):  # every query lands on a freshly restarted client (empty state)
         answered += _answered(handle_ecos_query(ecos_query, _context(node)))
     assert answered == 3
-    assert len(PrivacyLedger.load(path, 2.0, 1e-5, accountant="gdp").releases) == 3
+    assert len(NodeLedger.open(path, 2.0, 1e-5).events) == 3
 
 
 def test_an_ecos_client_that_crashes_after_charging_keeps_the_charge(
     ecos_query, tmp_path, monkeypatch, flwr_home
 ):
     path = tmp_path / "ledger.json"
-    node = {"ledger-path": str(path), "epsilon-limit": 2.0, "accountant": "gdp"}
+    node = {"ledger-path": str(path), "epsilon-limit": 2.0}
 
     def crash(*args, **kwargs):
-        raise MemoryError("killed while adding noise")
+        raise MemoryError("killed while scoring the private shard")
 
-    monkeypatch.setattr(ecos_client, "noise_generator", crash)
-    with pytest.raises(MemoryError):
-        handle_ecos_query(ecos_query, _context(node))
+    monkeypatch.setattr(ecos_client, "coverage_scores", crash)
+    reply = handle_ecos_query(ecos_query, _context(node))
     monkeypatch.undo()
-    # Charged before anything was released: a crash can waste budget, never under-count it.
-    assert len(PrivacyLedger.load(path, 2.0, 1e-5, accountant="gdp").releases) == 1
+    # The failure leaves as a refusal without its text (it stays in the node's log).
+    assert not _answered(reply)
+    assert reply.content["refusal"]["reason"] == INTERNAL_FAILURE
+    # Charged before the data was read: a crash can waste budget, never under-count it.
+    assert len(NodeLedger.open(path, 2.0, 1e-5).events) == 1
     answered = sum(_answered(handle_ecos_query(ecos_query, _context(node))) for _ in range(5))
     assert answered == 2
 
@@ -429,7 +520,7 @@ def dssgd_task(tmp_path, flwr_home):
     config = merge_run_config(
         {"scenario": str(scenario), "num-clients": 3},
         DSSGD,
-        {"dssgd-epsilon": 0.9, "gamma": 0.001, "tau": 0.0001},
+        {"dssgd-epsilon": 1.8, "gamma": 0.001, "tau": 0.0001},
     )
     federation = load_federation(scenario, num_clients=3)
     model = seeded_model("paper-mlp", 0, federation.num_classes, 1, 8)
@@ -443,29 +534,35 @@ def dssgd_task(tmp_path, flwr_home):
 
 def test_dssgd_repeated_and_restarted_steps_never_overspend(dssgd_task, tmp_path):
     path = tmp_path / "dssgd-ledger.json"
-    node = {"dssgd-ledger-path": str(path), "epsilon-limit": 3.5}
+    node = {"ledger-path": str(path), "epsilon-limit": 3.5}
     context = _context(node)
-    # Each step costs 10/9 x 0.9 = 1: three fit under 3.5, whether repeated on one client or
-    # sent to a client that restarts (fresh state) in between.
+    # Each step's SVT costs its true 5/9 x 1.8 = 1 (published split): three fit under 3.5,
+    # whether repeated on one client or sent to a client that restarts (fresh state) in between.
+    one = PrivacyEvent.laplace(1.0)
+    assert compose_epsilon([one] * 3, 1e-5) <= 3.5 < compose_epsilon([one] * 4, 1e-5)
     results = [_answered_upload(handle_dssgd_train(dssgd_task, context)) for _ in range(2)]
     results += [_answered_upload(handle_dssgd_train(dssgd_task, _context(node))) for _ in range(4)]
     assert results == [True, True, True, False, False, False]
-    stored = PureDPLedger.load(path)
-    assert len(stored.charges) == 3 and stored.spent == pytest.approx(3.0)
+    stored = NodeLedger.open(path, 3.5, 1e-5)
+    assert [(e.kind, e.epsilon) for e in stored.events] == [("laplace", pytest.approx(1.0))] * 3
+    assert stored.epsilon_spent() <= 3.0 * (1 + 1e-12)
 
 
 def test_a_dssgd_step_whose_ledger_write_fails_releases_nothing(dssgd_task, tmp_path, monkeypatch):
     path = tmp_path / "dssgd-ledger.json"
-    node = {"dssgd-ledger-path": str(path), "epsilon-limit": 3.5}
+    node = {"ledger-path": str(path), "epsilon-limit": 3.5}
     assert _answered_upload(handle_dssgd_train(dssgd_task, _context(node)))
     before = path.read_bytes()
 
-    def disk_gone(self, target):
+    def disk_gone(target, payload):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(PureDPLedger, "save", disk_gone)
-    with pytest.raises(OSError):  # the ClientApp fails: no upload leaves the node
-        handle_dssgd_train(dssgd_task, _context(node))
+    monkeypatch.setattr(ledger_module, "_atomic_write", disk_gone)
+    # The charge fails, so the node refuses: no upload leaves it, and nothing is recorded.
+    reply = handle_dssgd_train(dssgd_task, _context(node))
+    assert not _answered_upload(reply)
+    assert reply.content["refusal"]["reason"].startswith("privacy ledger unusable")
+    monkeypatch.undo()
     assert path.read_bytes() == before
 
 

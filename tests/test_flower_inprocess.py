@@ -90,13 +90,13 @@ def test_ecos_client_keeps_its_ledger_in_state_dir_and_refuses_beyond_its_limit(
     first, _ = run_tiny(scenario, grid=grid, method="ecos", epsilon=1.0)
     assert len(first.epsilon_per_client) == 3
     stored = json.loads((tmp_path / "ledger-0.json").read_text())
-    assert len(stored["releases"]) == 1
+    assert len(stored["events"]) == 1
     # A second query at epsilon 1 would compose to about 1.46 > 1.2: every client refuses.
     fresh_grid = InProcessGrid(client_app, 3, node_configs=ledgers)
     with pytest.raises(RuntimeError, match="no client answered"):
         run_tiny(scenario, grid=fresh_grid, method="ecos", epsilon=1.0)
     stored = json.loads((tmp_path / "ledger-0.json").read_text())
-    assert len(stored["releases"]) == 1  # the refused query was not charged
+    assert len(stored["events"]) == 1  # the refused query was not charged
 
 
 @pytest.mark.parametrize("method", ["random", "kcenter", "oracle", "in-domain"])

@@ -42,7 +42,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.logger import LOGGER_NAME
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -62,6 +62,7 @@ from ecos_flower.flower.dssgd_strategy import DSSGDStrategy
 from ecos_flower.flower.ecos_client import QueryRejected
 from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid
+from ecos_flower.flower.release import INTERNAL_FAILURE
 from ecos_flower.flower.settings import client_config, merge_run_config
 from ecos_flower.flower.validation import InvalidReplyError, checked_numpy, float_vector
 
@@ -292,7 +293,6 @@ def evaluation_replies(draw, extra_keys: tuple[str, ...] = ()):
         values = {"partition-id": draw(st.integers(0, 1000))}
         for key in ("accuracy", *extra_keys):
             values[key] = draw(st.floats(0.0, 1.0))
-        values["num-examples"] = draw(st.integers(0, 10**6))
         return RecordDict({"metrics": MetricRecord(values)}), True
     if kind == "metrics":
         record, _ = _mutated_metrics(metrics, draw, [*metrics, "local-steps", "loss"])
@@ -346,12 +346,15 @@ def _upload_content(indices, values, metrics: MetricRecord | None) -> RecordDict
     return content
 
 
+# What a DP participant's upload states: its label, the upload's cost and its ledger's budget
+# state (no num-examples or train-loss: they would leave exact facts of the private data).
 GOOD_UPLOAD_METRICS = {
     "partition-id": 1,
-    "num-examples": 10,
-    "train-loss": 0.5,
-    "epsilon-spent": 1.0,
     "epsilon-epoch": 1.0,
+    "local-steps": 1,
+    "epsilon-spent": 1.0,
+    "epsilon-limit": 10.0,
+    "delta": 1e-5,
 }
 
 
@@ -403,8 +406,8 @@ def _dssgd_state(strategy: DSSGDStrategy) -> dict:
         "clients": dict(strategy.node_to_client),
         "per-client": dict(strategy.accepted_per_client),
         "spent": dict(strategy.epsilon_spent),
+        "ledger-delta": dict(strategy.ledger_delta),
         "run": dict(strategy.epsilon_run),
-        "loss": dict(strategy.train_loss),
         "refused": dict(strategy.refused),
         "accuracy": dict(strategy.accuracy),
         "server-accuracy": dict(strategy.server_accuracy),
@@ -485,7 +488,7 @@ QUERY_FIELDS = [
     "score-mode",
     "max-per-sample",
     "radius",
-    "client-epsilon-limit",
+    "client-epsilon-limit",  # no longer part of the protocol: a server sending it is ignored
     "extractor-hash",
     "extractor-kind",
     "extractor-config",
@@ -542,6 +545,10 @@ def _client_state(context: Context, ledger: Path) -> tuple:
     )
 
 
+def _ledger_events(ledger: Path) -> int:
+    return len(json.loads(ledger.read_text())["events"]) if ledger.exists() else 0
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_ecos_client_query_checks(ecos_setup, data, tmp_path_factory, monkeypatch):
@@ -571,16 +578,19 @@ def test_fuzz_ecos_client_query_checks(ecos_setup, data, tmp_path_factory, monke
 @FUZZ
 @given(data=st.data())
 def test_fuzz_ecos_client_handler(ecos_setup, data, monkeypatch):
-    """handle_ecos_query end to end on hostile messages: a refusal (state and ledger untouched,
-    logged naming the node) or a well-formed answer; never an exception."""
+    """handle_ecos_query end to end on hostile messages, on a private (deployed) or a research
+    (simulated) node: a refusal (logged naming the node, the state untouched; the ledger untouched
+    too, unless the handler failed after charging it: then it keeps exactly that one charge and
+    the reason is the fixed INTERNAL_FAILURE) or a well-formed answer; never an exception."""
     base, folder = ecos_setup
     ledger = folder / "fuzz-ledger.json"
+    policy = data.draw(st.sampled_from(["private", "research"]))
     node_config = {
         "partition-id": 0,
         "num-partitions": 3,
         "epsilon-limit": 1e6,
         "ledger-path": str(ledger),
-        "accountant": "gdp",
+        "privacy-policy": policy,
     }
     context = data.draw(st.sampled_from(["fresh", "primed"]))
     state = RecordDict()
@@ -590,30 +600,59 @@ def test_fuzz_ecos_client_handler(ecos_setup, data, monkeypatch):
         for key, record in primed.items():
             state[key] = record
     content = data.draw(ecos_queries(base))
-    before = _client_state(ctx, ledger)
+    before, events_before = _client_state(ctx, ledger), _ledger_events(ledger)
     with captured_log() as lines:
         reply = ecos_client.handle_ecos_query(server_message(BAD, "query.ecos", content), ctx)
     if "refusal" in reply.content:
-        assert isinstance(reply.content["refusal"]["reason"], str)
-        assert _client_state(ctx, ledger) == before
+        reason = reply.content["refusal"]["reason"]
+        assert isinstance(reason, str)
+        state_before, ledger_before = before
+        state_after, ledger_after = _client_state(ctx, ledger)
+        assert state_after == state_before
+        event(
+            f"{policy}: refused ({'internal failure' if reason == INTERNAL_FAILURE else 'message'})"
+        )
+        if reason == INTERNAL_FAILURE:  # failed after the charge, if any: it stays paid for
+            assert _ledger_events(ledger) - events_before in (0, 1)
+        else:
+            assert ledger_after == ledger_before
         assert _names(lines, BAD)
         return
     scores = reply.content["scores"]
     (array,) = scores.values()
-    k = int(content["ecos"]["num-centroids"])
+    query = content["ecos"]
+    k = int(query["num-centroids"])
     assert array.numpy().shape == (k,) and np.all(np.isfinite(array.numpy()))
+    metrics = reply.content["metrics"]
+    event(f"{policy}: answered")
+    if query.get("noise", True):  # charged to the node's ledger, under the node's own limit
+        assert _ledger_events(ledger) == events_before + 1
+        assert metrics["epsilon-limit"] == 1e6 and metrics["sigma"] > 0
+    else:  # exact counts: only a research node answers them, and they cost nothing
+        assert policy == "research" and metrics["sigma"] == 0
+        assert _ledger_events(ledger) == events_before
 
 
-def test_an_extractor_whose_output_overflows_is_refused_not_a_crash(ecos_setup, tmp_path):
-    """Found by the fuzzer: a PCA scale of ~1e38 makes float32 features infinite."""
+def test_an_extractor_whose_output_overflows_is_answered_not_a_crash(ecos_setup, tmp_path):
+    """Found by the fuzzer: a PCA scale of ~1e38 makes float32 features infinite. The scoring is
+    total (it drops non-finite samples), so the node answers, charged before it read its data,
+    instead of a refusal whose reason would depend on the data."""
     base, _ = ecos_setup
     content = copy.deepcopy(base.content)
     content["extractor"]["scale"] = Array(np.full(8, 3e38, dtype=np.float32))
-    node_config = {"partition-id": 0, "num-partitions": 3, "ledger-path": str(tmp_path / "l")}
+    path = tmp_path / "l"
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "ledger-path": str(path),
+        "epsilon-limit": 10.0,
+    }
     ctx = Context(run_id=1, node_id=BAD, node_config=node_config, state=RecordDict(), run_config={})
     reply = ecos_client.handle_ecos_query(server_message(BAD, "query.ecos", content), ctx)
-    assert "non-finite features" in reply.content["refusal"]["reason"]
-    assert not (tmp_path / "l").exists()  # nothing charged
+    assert "refusal" not in reply.content
+    (scores,) = reply.content["scores"].values()
+    assert scores.numpy().shape == (K,) and np.all(np.isfinite(scores.numpy()))
+    assert _ledger_events(path) == 1  # charged once
 
 
 _PRIMED: dict = {}
@@ -669,7 +708,7 @@ TASK_FIELDS = [
     "epoch",
     "gamma",
     "dp-epsilon",
-    "epsilon-limit",
+    "epsilon-limit",  # no longer part of the protocol: a server sending it is ignored
 ]
 CONFIG_FIELDS = ["model", "batch-size", "learning-rate", "seed"]
 
@@ -727,7 +766,8 @@ def test_fuzz_dssgd_client_task_checks(dssgd_setup, data, monkeypatch):
     node_config = {
         "partition-id": 0,
         "num-partitions": 3,
-        "dssgd-ledger-path": str(folder / "fuzz-dssgd-ledger.json"),
+        "ledger-path": str(folder / "fuzz-dssgd-ledger.json"),
+        "epsilon-limit": 1e6,
     }
     try:
         task = content.get("dssgd")
@@ -744,7 +784,7 @@ def test_fuzz_dssgd_client_task_checks(dssgd_setup, data, monkeypatch):
         if "dp-epsilon" in task:
             assert 0 < float(task["dp-epsilon"]) < math.inf and "gamma" in task
         return  # a valid task would train: covered by the DSSGD flow tests
-    ledger = Path(node_config["dssgd-ledger-path"])
+    ledger = Path(node_config["ledger-path"])
     ctx = Context(run_id=1, node_id=BAD, node_config=node_config, state=RecordDict(), run_config={})
     before = _client_state(ctx, ledger)
     with captured_log() as lines:
@@ -765,7 +805,8 @@ def test_fuzz_dssgd_client_global_weights_of_the_wrong_shape(dssgd_setup, params
     if num_params is not None:
         with contextlib.suppress(Exception):
             content["dssgd"]["num-params"] = num_params
-    node_config = {"partition-id": 0, "num-partitions": 3}
+    # Exact test-set metrics leave a (private) node only if its operator reports them.
+    node_config = {"partition-id": 0, "num-partitions": 3, "report-metrics": True}
     ctx = Context(run_id=1, node_id=BAD, node_config=node_config, state=RecordDict(), run_config={})
     with captured_log() as lines:
         message = server_message(BAD, "evaluate.dssgd", content)

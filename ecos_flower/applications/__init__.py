@@ -6,7 +6,12 @@ and DP last-layer fine-tuning (DP-SGD, DP least squares, DP-FC). The Flower glue
 from ecos_flower.applications.distill import distill, train_teacher
 from ecos_flower.applications.dp_fc import dp_fc_head
 from ecos_flower.applications.dp_least_squares import dp_least_squares_head
-from ecos_flower.applications.finetune import FinetuneResult, dp_finetune_head, head_features
+from ecos_flower.applications.finetune import (
+    DEFAULT_NORMALISER,
+    FinetuneResult,
+    dp_finetune_head,
+    head_features,
+)
 from ecos_flower.applications.linear_head import public_feature_scale
 from ecos_flower.applications.private_knn import (
     KNN_MODES,
@@ -18,6 +23,7 @@ from ecos_flower.applications.private_knn import (
 from ecos_flower.applications.semi_supervised import PseudoLabelStats, pseudo_label_train
 
 __all__ = [
+    "DEFAULT_NORMALISER",
     "KNN_MODES",
     "FinetuneResult",
     "PseudoLabelStats",

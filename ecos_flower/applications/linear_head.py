@@ -18,17 +18,59 @@ import torch
 from torch import nn
 
 from ecos_flower.privacy import _opacus  # noqa: F401  (imports Opacus without its logging side effect)
+from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 
 
 def normalized_with_bias(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows z = [x / scale, 1] / ||[x / scale, 1]|| in float64 (unit L2 norm by construction)."""
+    """Rows z = [x / scale, 1] / ||[x / scale, 1]|| in float64 (unit L2 norm by construction).
+
+    Each row is first divided by its largest entry (when above 1) so the norm cannot overflow;
+    a row with a NaN or infinite entry (or one that overflows x / scale) comes out non-finite,
+    for `usable_samples` to drop."""
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"feature scale must be a positive finite number, got {scale}")
     if features.ndim != 2:
         raise ValueError(f"features must be a matrix (n x d), got shape {tuple(features.shape)}")
     x = features.double() / scale
     z = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    z = z / z.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
     return z / z.norm(dim=1, keepdim=True)
+
+
+def usable_samples(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    max_abs: float = math.inf,
+) -> torch.Tensor:
+    """Boolean mask of the samples a DP fit uses: every feature finite (and |x| <= `max_abs`),
+    label an integer in 0..num_classes-1. A per-sample filter: whether one sample is kept
+    depends on that sample only, so the add/remove sensitivity of what follows is unchanged and
+    no private value can make the fit raise (DESIGN 2.4: mechanisms are total)."""
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+        raise ValueError(
+            f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match"
+        )
+    values = features.double()
+    keep = torch.isfinite(values).all(dim=1)
+    if math.isfinite(max_abs) and values.shape[1]:
+        keep &= values.abs().amax(dim=1) <= max_abs
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        real = labels.real.double() if labels.dtype.is_complex else labels.double()
+        keep &= torch.isfinite(real) & (real == torch.round(real))
+        real = torch.where(keep, real, torch.zeros_like(real))
+        keep &= (real >= 0) & (real < num_classes)
+    else:
+        wide = labels.long()
+        keep &= (wide >= 0) & (wide < num_classes)
+    return keep
+
+
+def usable_labels(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept labels (see `usable_samples`) as int64."""
+    kept = labels[keep]
+    return (kept.real if kept.dtype.is_complex else kept).double().long()
 
 
 def head_from_augmented(weights: torch.Tensor, scale: float) -> nn.Linear:
@@ -66,11 +108,11 @@ def opacus_epsilon(history: Sequence[tuple[float, float, int]], delta: float) ->
 def whole_run_noise_multiplier(
     epsilon: float, delta: float, noise_multiplier: float | None = None
 ) -> float:
-    """The single-Gaussian-equivalent noise multiplier of a fitting run at (epsilon, delta),
-    calibrated with Opacus' RDP accountant, unless the caller already calibrated (and charged)
-    it."""
-    from ecos_flower.applications.finetune import calibrate_noise
-
+    """The single-Gaussian-equivalent noise multiplier of a fitting run at (epsilon, delta):
+    the exact (analytic Gaussian) calibration of one release, unless the caller already
+    calibrated (and charged) it."""
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    return calibrate_noise(epsilon, delta, 1) if noise_multiplier is None else noise_multiplier
+    if noise_multiplier is not None:
+        return noise_multiplier
+    return analytic_gaussian_sigma(epsilon, delta, 1.0)

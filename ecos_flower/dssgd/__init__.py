@@ -11,9 +11,11 @@ from ecos_flower.dssgd.selection import clip, select_largest, select_threshold, 
 from ecos_flower.dssgd.server import ParameterServer, fraction_count
 from ecos_flower.dssgd.sparse import InvalidUpdateError, SparseUpdate, validate_sparse_update
 from ecos_flower.dssgd.svt import SvtScales, svt_scales, svt_select, svt_select_reference
+from ecos_flower.privacy.noise import NoiseSource
 
 __all__ = [
     "InvalidUpdateError",
+    "NoiseSource",
     "ParameterServer",
     "SparseUpdate",
     "SvtScales",

@@ -15,6 +15,7 @@ from ecos_flower.dssgd.selection import clip, select_largest, select_threshold
 from ecos_flower.dssgd.sparse import SparseUpdate
 from ecos_flower.dssgd.svt import SvtSplit, svt_select
 from ecos_flower.models.training import train_epochs
+from ecos_flower.privacy.noise import NoiseSource
 
 SelectionMode = Literal["largest", "threshold"]
 
@@ -62,7 +63,7 @@ def local_step(
     tau: float = 0.0,
     dp_epsilon: float | None = None,
     svt_split: SvtSplit = "published",
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | NoiseSource | None = None,
     device: str = "cpu",
     on_loss: Callable[[float], None] | None = None,
 ) -> tuple[SparseUpdate, float]:
@@ -70,12 +71,22 @@ def local_step(
 
     Without DP: select theta_u of delta_w by `mode` ("largest" |delta_w|, or random entries with
     |delta_w| > tau), then clip the values to [-gamma, gamma] (gamma None: no clipping); epsilon 0.
-    With `dp_epsilon`: the sparse vector technique (needs gamma); returns the epsilon it accounts
-    for.
+    With `dp_epsilon`: the sparse vector technique (needs gamma); returns the epsilon it really
+    costs (eps1 / 2 + eps2 / 2, see `ecos_flower.dssgd.svt`). Its privacy noise comes only from
+    the caller's `rng` (a `NoiseSource`, e.g. `NoiseSource.fresh()`, or a numpy Generator): a
+    missing `rng` with DP on is a TypeError, never a default seed. `seed` drives only the
+    training shuffle (and, without DP, the "threshold" mode's random choice when `rng` is None).
     The participant keeps its fully trained local model; only the returned update is shared.
     `on_loss`, if given, receives the mean training loss of the last local epoch.
     """
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    if dp_epsilon is not None:
+        if gamma is None:
+            raise ValueError("the DP (SVT) upload needs a clip bound gamma")
+        if rng is None:
+            raise TypeError(
+                "the DP (SVT) upload needs the caller's noise source: pass rng=NoiseSource.fresh()"
+                " (or a CSPRNG-seeded Generator); privacy noise never defaults to a seed"
+            )
     before = flatten_params(model)
     loss = train_epochs(
         model,
@@ -92,15 +103,20 @@ def local_step(
         on_loss(loss)
     delta = flatten_params(model) - before
     if dp_epsilon is not None:
-        if gamma is None:
-            raise ValueError("the DP (SVT) upload needs a clip bound gamma")
+        assert gamma is not None and rng is not None  # checked before training
         return svt_select(
             delta, theta_u, epsilon=dp_epsilon, gamma=gamma, tau=tau, rng=rng, split=svt_split
         )
     if mode == "largest":
         chosen = select_largest(delta, theta_u)
     elif mode == "threshold":
-        chosen = select_threshold(delta, theta_u, tau, rng)
+        if rng is None:
+            choice_rng = np.random.default_rng(seed)  # not privacy noise: no DP in this branch
+        elif isinstance(rng, NoiseSource):
+            choice_rng = rng.generator
+        else:
+            choice_rng = rng
+        chosen = select_threshold(delta, theta_u, tau, choice_rng)
     else:
         raise ValueError(f"mode must be 'largest' or 'threshold', got {mode!r}")
     values = clip(chosen.values, gamma).astype(np.float32)

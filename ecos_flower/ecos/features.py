@@ -99,6 +99,11 @@ class FeatureExtractor:
         """Rebuild a fitted extractor from `to_arrays()` and `config()`."""
         raise NotImplementedError
 
+    def output_dim(self) -> int | None:
+        """The feature dimension this extractor gives, known from its weights and config alone
+        (None where it is not): lets a client check a query before it reads any data."""
+        return None
+
     def num_bytes(self) -> int:
         """Bytes of the shipped arrays (the one-time cost of sending phi to a client)."""
         return int(sum(a.nbytes for a in self.to_arrays().values()))
@@ -165,6 +170,9 @@ class _SmallCNNExtractor(_TorchExtractor):
             )
         if min(tensor.shape[2], tensor.shape[3]) < 8:
             raise ValueError(f"SmallCNN needs images of at least 8x8, got {tuple(tensor.shape)}")
+
+    def output_dim(self) -> int | None:
+        return int(self.embedding_dim)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         # Clients only need the embedding; the classifier head is not shipped.
@@ -337,7 +345,20 @@ class PCAExtractor(FeatureExtractor):
         extractor.mean_ = np.asarray(arrays["mean"], dtype=np.float32)
         extractor.components_ = np.asarray(arrays["components"], dtype=np.float32)
         extractor.scale_ = np.asarray(arrays["scale"], dtype=np.float32)
+        k = extractor.components_.shape[0] if extractor.components_.ndim == 2 else -1
+        if (
+            extractor.mean_.ndim != 1
+            or extractor.components_.shape != (k, extractor.mean_.shape[0])
+            or extractor.scale_.shape != (k,)
+        ):
+            raise ValueError(
+                f"pca arrays do not fit together: mean {extractor.mean_.shape}, components "
+                f"{extractor.components_.shape}, scale {extractor.scale_.shape}"
+            )
         return extractor
+
+    def output_dim(self) -> int | None:
+        return None if self.components_ is None else int(self.components_.shape[0])
 
 
 def build_torchvision_backbone(arch: str) -> nn.Module:

@@ -1,7 +1,7 @@
 """Client handlers of the applications: private-kNN labelling (`query.knn`) and DP last-layer
-fine-tuning before evaluation (`evaluate.finetune`: DP-SGD, DP least squares or DP-FC). Both
-charge this node's privacy ledger (`ledger_for`) before anything is released, and refuse past its
-limit."""
+fine-tuning before evaluation (`evaluate.finetune`: DP-SGD, DP least squares or DP-FC). Both go
+through the node's release boundary (`ecos_flower.flower.release`): admitted by the node's
+policy, charged to its one lifetime ledger before its data is read, refused past its limit."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from ecos_flower.applications import (
+    DEFAULT_NORMALISER,
     KNN_MODES,
     FinetuneResult,
     dp_fc_head,
@@ -23,20 +24,20 @@ from ecos_flower.applications import (
     head_features,
     knn_sensitivity,
     knn_votes,
-    noisy_votes,
 )
 from ecos_flower.applications.finetune import calibrate_noise
 from ecos_flower.flower.client_data import client_shard
 from ecos_flower.flower.ecos_client import (
+    DEFAULT_MAX_DELTA,
     QueryRejected,
     _extractor,
-    _refusal,
-    ledger_for,
-    noise_generator,
+    check_source,
 )
+from ecos_flower.flower.release import Refused, ReleaseBoundary, guarded
 from ecos_flower.flower.validation import checked_numpy
 from ecos_flower.models import build_model, evaluate_accuracy
-from ecos_flower.privacy import BudgetExceededError, analytic_gaussian_sigma
+from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
+from ecos_flower.privacy.ledger import PrivacyEvent
 
 KNN_LIMITS = {"max-knn-queries": 100_000, "max-knn-k": 1_000, "max-finetune-steps": 10_000}
 
@@ -58,12 +59,17 @@ def _number(record: ConfigRecord, key: str, default: float, kind: type = float) 
         raise QueryRejected(f"{key}={value!r} is not a number: {exc}") from exc
 
 
-def _check_privacy(query: ConfigRecord) -> tuple[float, float]:
+def _check_privacy(
+    query: ConfigRecord, node_config: Mapping[str, Any] | None = None
+) -> tuple[float, float]:
     epsilon, delta = _number(query, "epsilon", -1), _number(query, "delta", -1)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise QueryRejected(f"epsilon={epsilon} must be a positive finite number")
     if not 0 < delta < 1:
         raise QueryRejected(f"delta={delta} must lie in (0, 1)")
+    max_delta = float((node_config or {}).get("max-delta", DEFAULT_MAX_DELTA))
+    if delta > max_delta:  # a large delta buys a small sigma: the node decides what it accepts
+        raise QueryRejected(f"delta={delta:g} above this node's max-delta={max_delta:g}")
     return epsilon, delta
 
 
@@ -94,7 +100,7 @@ def check_knn_query(
         raise QueryRejected(f"unknown kNN mode {query.get('mode')!r}")
     if not 2 <= _number(query, "num-classes", -1, int) <= 10_000:
         raise QueryRejected(f"num-classes={query.get('num-classes')} outside 2..10000")
-    _check_privacy(query)
+    _check_privacy(query, node_config)
 
 
 def read_query_features(
@@ -112,59 +118,45 @@ def read_query_features(
         raise QueryRejected(str(exc)) from exc
 
 
-def handle_knn_query(msg: Message, context: Context) -> Message:
+def answer_knn_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
     """Answer one `query.knn`: noisy label-vote histograms (n x classes) for the server's
-    selected samples, from this client's labelled training shard, in the shared feature space."""
-    try:
-        query = msg.content.get("knn")
-        if not isinstance(query, ConfigRecord):
-            raise QueryRejected("query has no ConfigRecord 'knn'")
-        features = read_query_features(msg, query, context.node_config)
-        check_knn_query(query, features, context.node_config)
-        extractor = _extractor(msg, context, query)
-    except QueryRejected as exc:
-        return _refusal(msg, f"kNN query rejected: {exc}")
-    shard = client_shard(msg.content["config"], context.node_config)
-    try:
-        own = extractor.transform(shard.train.images, progress=False)
-    except Exception as exc:  # weights that do not fit this node's images
-        return _refusal(msg, f"kNN query rejected: extractor does not apply here: {exc}")
-    if not np.all(np.isfinite(own)):
-        return _refusal(msg, "kNN query rejected: extractor gives non-finite features here")
-    if own.ndim != 2 or own.shape[1] != features.shape[1]:
-        return _refusal(
-            msg,
-            f"kNN query rejected: features have {features.shape[1]} dims, "
-            f"this node's extractor gives {own.shape[1]}",
-        )
+    selected samples, from this client's labelled training shard, in the shared feature space.
+    Charged before the data is read; the votes are total (samples with non-finite features or
+    labels outside 0..num-classes-1 are dropped; ties are broken by sample order)."""
+    query = msg.content.get("knn")
+    if not isinstance(query, ConfigRecord):
+        raise QueryRejected("query has no ConfigRecord 'knn'")
+    features = read_query_features(msg, query, context.node_config)
+    check_knn_query(query, features, context.node_config)
+    config = msg.content.get("config")
+    if not isinstance(config, ConfigRecord):
+        raise QueryRejected("query has no ConfigRecord 'config'")
+    boundary.admit("knn-votes")
+    extractor = _extractor(msg, context, query, dim=features.shape[1])
+    check_source(config, context.node_config)
     k, mode = int(query["k"]), str(query["mode"])
     num_classes = int(query["num-classes"])
-    votes = knn_votes(own, shard.train.labels.numpy(), features, k, num_classes, mode)
     sensitivity = knn_sensitivity(mode, k, len(features))
-    epsilon, delta = _check_privacy(query)
+    epsilon, delta = _check_privacy(query, context.node_config)
     sigma = analytic_gaussian_sigma(epsilon, delta, sensitivity)
-    try:
-        ledger = ledger_for(context, query)
-        spent = ledger.charge(
-            sigma / sensitivity, note=f"kNN votes ({len(features)} samples), run {context.run_id}"
-        )
-    except BudgetExceededError as exc:
-        return _refusal(msg, str(exc))
-    rng = noise_generator(context.node_config, release_index=len(ledger.releases))
-    noisy = noisy_votes(votes, sigma, rng)
-    metrics = MetricRecord(
-        {
-            "partition-id": int(context.node_config["partition-id"]),
-            "num-examples": len(shard.train),
-            "sensitivity": sensitivity,
-            "sigma": sigma,
-            "epsilon-spent": spent,
-            "delta": ledger.delta,
-            "epsilon-limit": ledger.epsilon_limit,
-        }
+    event = PrivacyEvent.gaussian(
+        sigma / sensitivity, note=f"kNN votes ({len(features)} samples), run {context.run_id}"
     )
-    content = RecordDict({"votes": ArrayRecord([noisy.astype(np.float64)]), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    spent, noise = boundary.charge(event)
+    # Charged: only from here on is the node's data read.
+    shard = client_shard(config, context.node_config)
+    own = np.asarray(extractor.transform(shard.train.images, progress=False))
+    if own.ndim != 2 or own.shape[1] != features.shape[1]:
+        raise ValueError(f"extractor features {own.shape[1:]} vs query dim {features.shape[1]}")
+    votes = knn_votes(own, shard.train.labels.numpy(), features, k, num_classes, mode)
+    noisy = votes + noise.gaussian(sigma, votes.shape)
+    metrics = {
+        **boundary.node_label(),
+        "sensitivity": sensitivity,
+        "sigma": sigma,
+        **boundary.budget_metrics(spent),
+    }
+    return boundary.reply("knn-votes", {"votes": ArrayRecord([noisy.astype(np.float64)])}, metrics)
 
 
 def _model(config: ConfigRecord, images: torch.Tensor) -> torch.nn.Module:
@@ -194,6 +186,7 @@ class FinetuneSpec:
     covariance_share: float
     floor: float
     feature_scale: float
+    normaliser: float = DEFAULT_NORMALISER
 
     @property
     def noise_multiplier(self) -> float:
@@ -209,7 +202,7 @@ def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpe
     """Parse and bound-check the request; raises QueryRejected naming the bad field."""
     if not isinstance(spec, ConfigRecord):
         raise QueryRejected("message has no ConfigRecord 'finetune'")
-    epsilon, delta = _check_privacy(spec)
+    epsilon, delta = _check_privacy(spec, node_config)
     method = str(spec.get("method", "dp-sgd"))
     if method not in FINETUNE_METHODS:
         raise QueryRejected(f"unknown method {method!r}; this node offers {FINETUNE_METHODS}")
@@ -225,6 +218,7 @@ def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpe
         covariance_share=_number(spec, "covariance-share", 0.3),
         floor=_number(spec, "floor", 0.01),
         feature_scale=_number(spec, "feature-scale", 1.0),
+        normaliser=_number(spec, "normaliser", DEFAULT_NORMALISER),
     )
     limit = _node_limit(node_config, "max-finetune-steps")
     if not 1 <= parsed.steps <= limit:
@@ -237,6 +231,7 @@ def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpe
         "ridge": parsed.ridge,
         "floor": parsed.floor,
         "feature-scale": parsed.feature_scale,
+        "normaliser": parsed.normaliser,
     }
     for name, value in positive.items():
         if not (math.isfinite(value) and value > 0):
@@ -282,6 +277,7 @@ def finetune_head(
             floor=spec.floor,
             init=init,
             noise_multiplier=noise_multiplier,
+            normaliser=spec.normaliser,
             **common,
         )
     return dp_finetune_head(
@@ -293,65 +289,73 @@ def finetune_head(
         learning_rate=spec.learning_rate,
         init=init,
         noise_multiplier=noise_multiplier * math.sqrt(spec.steps),
+        normaliser=spec.normaliser,
         **common,
     )
 
 
-def handle_finetune_evaluate(msg: Message, context: Context) -> Message:
+def answer_finetune_evaluate(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
     """`evaluate.finetune`: refit the received model's classifier head on the private train split
-    with DP (DP-SGD through Opacus, DP least squares or DP-FC), charge the ledger first, report
-    the fine-tuned model's test accuracy (and the received model's). A refused request (bad
-    settings, or past the budget) reports the received model's accuracy only (`finetuned` = 0,
-    reason in ConfigRecord `finetune-refusal`)."""
-    config = msg.content["config"]
+    with DP (DP-SGD through Opacus, DP least squares or DP-FC), charged to the ledger first, and
+    report the fine-tuned model's test accuracy (and the received model's). The accuracies are
+    exact test-set metrics: the node releases them only if its policy reports metrics. A fit the
+    node will not run (bad settings, or past its budget) reports the received model's accuracy
+    only (`finetuned` = 0, the reason in ConfigRecord `finetune-refusal`); the reason depends on
+    the message and the ledger only."""
+    config = msg.content.get("config")
+    arrays = msg.content.get("arrays")
+    if not isinstance(config, ConfigRecord) or not isinstance(arrays, ArrayRecord):
+        raise QueryRejected("message has no ConfigRecord 'config' and ArrayRecord 'arrays'")
+    boundary.admit("evaluation-metrics")
+    spent = noise = spec = None
+    try:
+        spec = read_finetune_spec(msg.content.get("finetune"), context.node_config)
+        boundary.admit("dp-head-fit")
+        event = PrivacyEvent.gaussian(
+            spec.noise_multiplier,
+            note=f"DP head fine-tuning ({spec.method}, {spec.steps} steps, single-release "
+            f"z={spec.noise_multiplier:.4g}), run {context.run_id}",
+        )
+        spent, noise = boundary.charge(event)
+        reason = ""
+    except Refused as exc:  # the received model is still scored
+        reason = exc.reason
     device = str(config.get("device", "cpu"))
     shard = client_shard(config, context.node_config)
     model = _model(config, shard.train.images)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(arrays.to_torch_state_dict())
     if not hasattr(model, "embed") or not isinstance(
         getattr(model, "classifier", None), torch.nn.Linear
     ):
         raise ValueError(f"model {config['model']!r} has no embed()/classifier head to fine-tune")
     received, _ = evaluate_accuracy(model, shard.test.images, shard.test.labels, device=device)
-    metrics: dict[str, float | int] = {
-        "partition-id": int(context.node_config["partition-id"]),
-        "num-examples": len(shard.test),
-        "accuracy-received": received,
-    }
-    content = RecordDict()
-    try:
-        spec = read_finetune_spec(msg.content.get("finetune"), context.node_config)
-        noise_multiplier = spec.noise_multiplier
-        ledger = ledger_for(context, msg.content["finetune"])
-        spent = ledger.charge(
-            noise_multiplier,
-            note=f"DP head fine-tuning ({spec.method}, {spec.steps} steps, single-release "
-            f"z={noise_multiplier:.4g}), run {context.run_id}",
-        )
-    except (QueryRejected, BudgetExceededError) as exc:
+    metrics: dict[str, float | int] = {**boundary.node_label(), "accuracy-received": received}
+    if noise is None or spec is None:
         metrics.update({"accuracy": received, "finetuned": 0})
-        content["finetune-refusal"] = ConfigRecord({"reason": str(exc)})
-    else:
-        seed = int(noise_generator(context.node_config, len(ledger.releases)).integers(2**62))
-        features = head_features(model, shard.train.images, device=device)
-        result = finetune_head(
-            spec, model.classifier, features, shard.train.labels, noise_multiplier, seed
-        )
-        model.classifier = result.head
-        accuracy, loss = evaluate_accuracy(
-            model, shard.test.images, shard.test.labels, device=device
-        )
-        metrics.update(
-            {
-                "accuracy": accuracy,
-                "loss": loss,
-                "finetuned": 1,
-                "epsilon-spent": spent,
-                "finetune-epsilon-opacus": result.epsilon_opacus,
-                "noise-multiplier": result.noise_multiplier,
-                "steps": result.steps,
-                "delta": ledger.delta,
-            }
-        )
-    content["metrics"] = MetricRecord(metrics)
-    return Message(content=content, reply_to=msg)
+        records = {"finetune-refusal": ConfigRecord({"reason": reason})}
+        return boundary.reply("dp-head-fit", records, metrics)
+    seed = int(noise.generator.integers(2**62))
+    features = head_features(model, shard.train.images, device=device)
+    result = finetune_head(
+        spec, model.classifier, features, shard.train.labels, spec.noise_multiplier, seed
+    )
+    model.classifier = result.head
+    accuracy, loss = evaluate_accuracy(model, shard.test.images, shard.test.labels, device=device)
+    metrics.update(
+        {
+            "accuracy": accuracy,
+            "loss": loss,
+            "finetuned": 1,
+            "finetune-epsilon-opacus": result.epsilon_opacus,
+            "noise-multiplier": result.noise_multiplier,
+            "steps": result.steps,
+            **boundary.budget_metrics(spent),
+        }
+    )
+    return boundary.reply("dp-head-fit", {}, metrics)
+
+
+handle_knn_query = guarded(answer_knn_query)
+
+
+handle_finetune_evaluate = guarded(answer_finetune_evaluate)

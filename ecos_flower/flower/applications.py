@@ -228,7 +228,6 @@ def configure_knn(
             "num-classes": int(context.federation.num_classes),
             "epsilon": float(config["knn-epsilon"]),
             "delta": float(config["delta"]),
-            "client-epsilon-limit": float(config["client-epsilon-limit"]),
             "extractor-hash": extractor_digest(extractor),
             "extractor-kind": extractor.kind,
             "extractor-config": _json(extractor.config()),
@@ -382,7 +381,7 @@ def finetune_record(config: dict[str, Any], feature_scale: float) -> ConfigRecor
             "covariance-share": float(config["finetune-covariance-share"]),
             "floor": float(config["finetune-floor"]),
             "feature-scale": float(feature_scale),
-            "client-epsilon-limit": float(config["client-epsilon-limit"]),
+            "normaliser": float(config["finetune-normaliser"]),
         }
     )
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.supercore import log
 
 from ecos_flower.data import load_federation
 from ecos_flower.flower.ecos_strategy import EcosStrategy
@@ -27,7 +30,7 @@ from ecos_flower.flower.validation import (
     reply_record,
 )
 from ecos_flower.models import build_model, train_epochs
-from ecos_flower.privacy import PrivacyLedger, analytic_gaussian_sigma
+from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon, analytic_gaussian_sigma
 
 DP_FEDAVG_TRAIN = "train.dpfedavg"
 
@@ -148,18 +151,45 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
 
 
 class DpFedAvgInner(RecordingFedAvg):
-    """FedAvg whose train messages go to the ClientApp handler with Flower's `fixedclipping_mod`."""
+    """FedAvg whose train messages go to the ClientApp handler with Flower's `fixedclipping_mod`,
+    averaging with uniform weights: a reply whose weight `num-examples` is not 1 is dropped with
+    the node named (the noise, clipping norm / number of clients, is calibrated for an unweighted
+    average; a node claiming a large weight would move it beyond its share and spend more
+    privacy than reported)."""
 
     def _construct_messages(self, record, node_ids, message_type):  # noqa: ANN001, ANN202
         if message_type == "train":
             message_type = DP_FEDAVG_TRAIN
         return super()._construct_messages(record, node_ids, message_type)
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = []
+        for reply in replies:
+            if not reply.has_error():
+                try:
+                    weight = metric(reply, "num-examples", low=0.0)
+                except InvalidReplyError as exc:
+                    weight, problem = None, exc.problem
+                else:
+                    problem = f"weight num-examples={weight:g}, uniform weights need 1"
+                if weight != 1.0:
+                    node = reply.metadata.src_node_id
+                    self.errors[node] = problem
+                    log(WARNING, "dp-fedavg: dropping node %s's update: %s", node, problem)
+                    continue
+            kept.append(reply)
+        return super().aggregate_train(server_round, kept)
+
 
 def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Flower's DifferentialPrivacyClientSideFixedClipping around FedAvg (all nodes every round,
-    so no sampling amplification). Client-level epsilon from the exact composition of the
-    per-round Gaussian releases (noise multiplier z each round)."""
+    so no sampling amplification): central DP at the client level with a trusted aggregator (the
+    server adds the noise; the clients send their clipped updates exactly). Every client reports
+    the weight 1, so the average is unweighted, as the noise calibration (clipping norm over the
+    number of clients) assumes. Client-level epsilon from the exact composition of the per-round
+    Gaussian releases (noise multiplier z each round: together one of z / sqrt(R))."""
     rounds = int(config["num-server-rounds"])
     z = float(config["dp-noise-multiplier"])
     if float(config["dp-target-epsilon"]) > 0:
@@ -182,10 +212,11 @@ def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
         num_sampled_clients=num_nodes,
     )
     report = run_fedavg_with(grid, config, strategy, inner, method="dp-fedavg")
-    ledger = PrivacyLedger(epsilon_limit=1e9, delta=float(config["delta"]), accountant="gdp")
-    for _ in range(rounds):
-        ledger.charge(z, note="dp-fedavg round")
-    report.epsilon_per_client = dict.fromkeys(report.accuracy_per_client, ledger.epsilon_spent())
+    epsilon = analytic_gaussian_epsilon(z / math.sqrt(rounds), float(config["delta"]))
+    report.epsilon_per_client = dict.fromkeys(report.accuracy_per_client, epsilon)
+    report.extra["privacy-unit"] = (
+        "one whole client (central DP, trusted aggregator adds the noise)"
+    )
     report.delta = float(config["delta"])
     report.settings.update(
         {"dp-noise-multiplier": z, "dp-clipping-norm": float(config["dp-clipping-norm"])}

@@ -8,6 +8,13 @@ from typing import Any
 from ecos_flower.data import ClientShard, load_federation
 
 
+def check_data_source(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """Raise ValueError unless the node config or the message names a scenario (checked before a
+    charge: it depends on the configuration and the message only, not on the data)."""
+    if not str(node_config.get("scenario") or config.get("scenario") or ""):
+        raise ValueError("no scenario: set `scenario` in the run config or the node config")
+
+
 def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientShard:
     """This node's shard: scenario from its node config if set (deployment), else from the server's
     message config (simulation); the shard index is the node's `partition-id`."""

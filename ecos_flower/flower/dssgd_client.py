@@ -6,24 +6,20 @@ Flower's simulation engine and on a real SuperNode. On first contact the partici
 run's model from the shared seed (the server starts from the same initial parameters) and then
 applies the download.
 
-The participant owns its budget: with DP on, the epsilon of each upload is charged to a pure-DP
-ledger on disk (basic composition), and an upload that would take the ledger past the node's
-`epsilon-limit` (node config; else the run's `dssgd-epsilon-limit`) is refused before any training.
-Every task is checked before anything is allocated, and refused with a reason when it is absurd.
+The participant owns its budget: with DP on (the sparse vector technique), the true epsilon of
+each upload is charged to the node's one lifetime ledger (`ecos_flower.flower.release`) before the
+participant reads its data, and an upload past the node's `epsilon-limit` (node config only) is
+refused. A node under the private policy refuses uploads without the SVT. Every task is checked
+before anything is allocated, and refused with a reason when it is absurd.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore import log
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from ecos_flower.dssgd import (
@@ -39,9 +35,10 @@ from ecos_flower.dssgd import (
     validate_sparse_update,
 )
 from ecos_flower.flower.client_data import client_shard
+from ecos_flower.flower.release import Refused, ReleaseBoundary, guarded
 from ecos_flower.flower.validation import checked_numpy
 from ecos_flower.models import build_model, evaluate_accuracy
-from ecos_flower.privacy.pure_dp import PureBudgetExceededError, PureDPLedger
+from ecos_flower.privacy.ledger import PrivacyEvent
 
 # Bounds a participant enforces before it allocates anything (node config may change them).
 DEFAULT_LIMITS = {"max-params": 50_000_000, "max-classes": 100_000}
@@ -51,8 +48,12 @@ STATE_PARAMS = "dssgd-local"  # ArrayRecord {"params": flat float32 local model}
 STATE_INFO = "dssgd-local-info"  # ConfigRecord {"steps", "num-params", "model"}
 
 
-class TaskRejected(ValueError):
-    """A DSSGD task this participant will not run (absurd settings or a malformed download)."""
+class TaskRejected(Refused):
+    """A DSSGD task this participant will not run (absurd settings or a malformed download): a
+    refusal that depends on the message only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"task rejected: {reason}")
 
 
 def seeded_model(
@@ -185,29 +186,10 @@ def read_download(msg: Message, task: ConfigRecord) -> SparseUpdate:
         raise TaskRejected(f"bad download: {exc}") from exc
 
 
-def ledger_path(context: Context) -> Path:
-    """Where this node's pure-DP ledger lives.
-
-    Node config `dssgd-ledger-path`; else next to the node's (approximate-DP, ECOS) `ledger-path`
-    as `<name>-dssgd.json`; else a per-run file under FLWR_HOME.
-    """
-    node_config = context.node_config
-    if node_config.get("dssgd-ledger-path"):
-        return Path(str(node_config["dssgd-ledger-path"]))
-    if node_config.get("ledger-path"):
-        path = Path(str(node_config["ledger-path"]))
-        return path.with_name(f"{path.stem}-dssgd.json")
-    base = Path(os.environ.get("FLWR_HOME", tempfile.gettempdir())) / "ecos-ledgers"
-    return base / f"run-{context.run_id}-node-{context.node_id}-dssgd.json"
-
-
-def open_ledger(context: Context, task: ConfigRecord) -> tuple[PureDPLedger, Path]:
-    """This node's ledger (created empty if absent) under its current epsilon limit."""
-    limit = float(context.node_config.get("epsilon-limit", task.get("epsilon-limit", math.inf)))
-    path = ledger_path(context)
-    ledger = PureDPLedger.load(path) if path.exists() else PureDPLedger(limit)
-    ledger.epsilon_limit = limit
-    return ledger, path
+def node_index(context: Context) -> int:
+    """This participant's index for its local training seed: its simulation `partition-id`, else
+    its node id (a deployed node has no partition id)."""
+    return int(context.node_config.get("partition-id", context.node_id))
 
 
 def _task_shape(shard) -> tuple[int, int]:  # noqa: ANN001 - ClientShard
@@ -252,51 +234,40 @@ def save_local_model(context: Context, model: nn.Module, steps: int, name: str) 
     )
 
 
-def handle_dssgd_train(msg: Message, context: Context) -> Message:
-    """One participant step (`train.dssgd`): download, one local epoch, select, upload."""
+def answer_dssgd_train(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+    """One participant step (`train.dssgd`): download, one local epoch, select, upload. With the
+    SVT, the upload's true cost is charged before the participant reads its data."""
     task = msg.content.get("dssgd")
     if not isinstance(task, ConfigRecord):
-        return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
-    try:
-        check_task(task, context.node_config)
-        config = check_config(msg.content.get("config"))
-        download = read_download(msg, task)
-    except TaskRejected as exc:
-        return _refusal(msg, f"task rejected: {exc}")
+        raise TaskRejected("no ConfigRecord 'dssgd'")
+    check_task(task, context.node_config)
+    config = check_config(msg.content.get("config"))
+    download = read_download(msg, task)
     num_params, theta_u = int(task["num-params"]), float(task["theta-u"])
     dp_epsilon = float(task["dp-epsilon"]) if "dp-epsilon" in task else None
     gamma = float(task["gamma"]) if "gamma" in task else None
     split = str(task.get("svt-split", "published"))
     epoch = int(task.get("epoch", 0))
-    ledger = path = None
-    if dp_epsilon is not None:
-        try:
-            ledger, path = open_ledger(context, task)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return _refusal(msg, f"privacy ledger unreadable, refusing to release: {exc}")
-        cost = svt_scales(dp_epsilon, upload_count(theta_u, num_params), gamma, split)
-        if not ledger.can_charge(cost.epsilon_spent):
-            return _refusal(
-                msg,
-                f"privacy budget: this upload costs epsilon {cost.epsilon_spent:g}; spent "
-                f"{ledger.spent:g} of the limit {ledger.epsilon_limit:g}",
-            )
-    try:
-        shard = client_shard(config, context.node_config)
-    except (ValueError, OSError, KeyError, TypeError) as exc:  # no usable data
-        return _refusal(msg, f"task rejected: this node's data cannot be loaded: {exc}")
-    try:
-        model, steps = local_model(context, config, task, shard)
-    except TaskRejected as exc:
-        return _refusal(msg, f"task rejected: {exc}")
-    apply_download(model, download)
-    partition = int(context.node_config["partition-id"])
+    mechanism = "dssgd-svt" if dp_epsilon is not None else "dssgd-exact"
+    boundary.admit(mechanism)
+    metrics: dict[str, float | int] = {**boundary.node_label()}
+    index = node_index(context)
     seed = int(config.get("seed", 0))
-    if dp_epsilon is not None:  # fresh noise: never reproducible from the run's seed
-        rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    steps_before = _steps_in_state(context)
+    if dp_epsilon is not None:
+        cost = svt_scales(dp_epsilon, upload_count(theta_u, num_params), gamma, split)
+        event = PrivacyEvent.laplace(
+            cost.epsilon_spent, note=f"dssgd svt upload, epoch {epoch}, run {context.run_id}"
+        )
+        spent, noise = boundary.charge(event)
+        metrics.update(boundary.budget_metrics(spent))
+        rng = noise.generator  # fresh (or, research only, replayable) privacy noise
     else:
-        rng = np.random.default_rng([seed, partition, steps])
-    losses: list[float] = []
+        spent, rng = 0.0, np.random.default_rng([seed, index, steps_before])
+    # Charged (if private): only from here on is the node's data read.
+    shard = client_shard(config, context.node_config)
+    model, steps = local_model(context, config, task, shard)
+    apply_download(model, download)
     update, epsilon = local_step(
         model,
         shard.train.images,
@@ -304,7 +275,7 @@ def handle_dssgd_train(msg: Message, context: Context) -> Message:
         epochs=1,
         batch_size=int(config["batch-size"]),
         lr=float(config["learning-rate"]),
-        seed=seed * 1_000_003 + partition * 10_007 + steps,
+        seed=seed * 1_000_003 + index * 10_007 + steps,
         theta_u=theta_u,
         mode=str(task.get("upload-mode", "largest")),
         gamma=gamma,
@@ -313,66 +284,50 @@ def handle_dssgd_train(msg: Message, context: Context) -> Message:
         svt_split=split,
         rng=rng,
         device=str(config.get("device", "cpu")),
-        on_loss=losses.append,
     )
-    if ledger is not None and path is not None:
-        try:
-            ledger.charge(epsilon, note=f"dssgd svt upload, run {context.run_id}", epoch=epoch)
-        except PureBudgetExceededError as exc:
-            return _refusal(msg, f"privacy budget: {exc}")
-        ledger.save(path)
     save_local_model(context, model, steps + 1, str(config["model"]))
-    metrics = MetricRecord(
-        {
-            "partition-id": partition,
-            "num-examples": len(shard.train),
-            "train-loss": float(losses[-1]) if losses else 0.0,
-            "epsilon-spent": ledger.spent if ledger is not None else 0.0,
-            "epsilon-epoch": float(epsilon),
-            "local-steps": steps + 1,
-        }
-    )
+    metrics.update({"epsilon-epoch": float(epsilon), "local-steps": steps + 1})
     upload = ArrayRecord(
         {
             "indices": Array(np.ascontiguousarray(update.indices, dtype=np.int64)),
             "values": Array(np.ascontiguousarray(update.values, dtype=np.float32)),
         }
     )
-    return Message(content=RecordDict({"upload": upload, "metrics": metrics}), reply_to=msg)
+    return boundary.reply(mechanism, {"upload": upload}, metrics)
 
 
-def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
-    """Score both the local model and the server's global model on this node's test split."""
+def _steps_in_state(context: Context) -> int:
+    info = context.state.get(STATE_INFO)
+    return int(info["steps"]) if info is not None else 0
+
+
+def answer_dssgd_evaluate(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+    """Score both the local model and the server's global model on this node's test split (exact
+    metrics: released only if the node's policy reports metrics)."""
     task = msg.content.get("dssgd")
     if not isinstance(task, ConfigRecord):
-        return _refusal(msg, "task rejected: no ConfigRecord 'dssgd'")
+        raise TaskRejected("no ConfigRecord 'dssgd'")
+    num_params = _integer(task, "num-params", 1, _limit(context.node_config, "max-params"))
+    _integer(task, "num-classes", 2, _limit(context.node_config, "max-classes"))
+    record = msg.content.get("global")
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["params"]:
+        raise TaskRejected("task has no ArrayRecord 'global' holding 'params'")
+    if tuple(record["params"].shape) != (num_params,):
+        raise TaskRejected(
+            f"global params have shape {tuple(record['params'].shape)}, expected ({num_params},)"
+        )
     try:
-        num_params = _integer(task, "num-params", 1, _limit(context.node_config, "max-params"))
-        _integer(task, "num-classes", 2, _limit(context.node_config, "max-classes"))
-        record = msg.content.get("global")
-        if not isinstance(record, ArrayRecord) or list(record.keys()) != ["params"]:
-            raise TaskRejected("task has no ArrayRecord 'global' holding 'params'")
-        if tuple(record["params"].shape) != (num_params,):
-            raise TaskRejected(
-                f"global params have shape {tuple(record['params'].shape)}, "
-                f"expected ({num_params},)"
-            )
-        try:
-            params = checked_numpy(record["params"], num_params, "global params")
-        except ValueError as exc:
-            raise TaskRejected(str(exc)) from exc
-        if params.shape != (num_params,):
-            raise TaskRejected(f"global params have shape {params.shape}, expected ({num_params},)")
-        if params.dtype != np.float32 or not np.all(np.isfinite(params)):
-            raise TaskRejected("global params must be finite float32 numbers")
-        config = check_config(msg.content.get("config"))
-        try:
-            shard = client_shard(config, context.node_config)
-        except (ValueError, OSError, KeyError, TypeError) as exc:  # no usable data
-            raise TaskRejected(f"this node's data cannot be loaded: {exc}") from exc
-        model, steps = local_model(context, config, task, shard)
-    except TaskRejected as exc:
-        return _refusal(msg, f"task rejected: {exc}")
+        params = checked_numpy(record["params"], num_params, "global params")
+    except ValueError as exc:
+        raise TaskRejected(str(exc)) from exc
+    if params.shape != (num_params,):
+        raise TaskRejected(f"global params have shape {params.shape}, expected ({num_params},)")
+    if params.dtype != np.float32 or not np.all(np.isfinite(params)):
+        raise TaskRejected("global params must be finite float32 numbers")
+    config = check_config(msg.content.get("config"))
+    boundary.admit("evaluation-metrics")
+    shard = client_shard(config, context.node_config)
+    model, steps = local_model(context, config, task, shard)
     server_model = build_model(str(config["model"]), int(task["num-classes"]), *_task_shape(shard))
     load_flat_params(server_model, params)
     device = str(config.get("device", "cpu"))
@@ -380,22 +335,18 @@ def handle_dssgd_evaluate(msg: Message, context: Context) -> Message:
     server_accuracy, server_loss = evaluate_accuracy(
         server_model, shard.test.images, shard.test.labels, device=device
     )
-    metrics = MetricRecord(
-        {
-            "accuracy": accuracy,
-            "loss": loss,
-            "server-accuracy": server_accuracy,
-            "server-loss": server_loss,
-            "num-examples": len(shard.test),
-            "partition-id": int(context.node_config["partition-id"]),
-            "local-steps": steps,
-        }
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = {
+        **boundary.node_label(),
+        "accuracy": accuracy,
+        "loss": loss,
+        "server-accuracy": server_accuracy,
+        "server-loss": server_loss,
+        "local-steps": steps,
+    }
+    return boundary.reply("evaluation-metrics", {}, metrics)
 
 
-def _refusal(msg: Message, reason: str) -> Message:
-    """A reply that refuses the message with `reason` (logged on the node as well)."""
-    node = msg.metadata.dst_node_id
-    log(WARNING, "node %s refuses %s: %s", node, msg.metadata.message_type, reason)
-    return Message(content=RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
+handle_dssgd_train = guarded(answer_dssgd_train)
+
+
+handle_dssgd_evaluate = guarded(answer_dssgd_evaluate)

@@ -41,7 +41,6 @@ SETTING_KEYS = (
     "tau",
     "dssgd-epsilon",
     "svt-split",
-    "dssgd-epsilon-limit",
     "stat-beta",
     "stat-decay-every",
     "evaluate-every",
@@ -64,7 +63,6 @@ def make_strategy(config: dict[str, Any], initial: np.ndarray, num_classes: int)
         tau=float(config["tau"]),
         dp_epsilon=epsilon if epsilon > 0 else None,
         svt_split=str(config["svt-split"]),
-        epsilon_limit=float(config["dssgd-epsilon-limit"]),
         beta=float(config["stat-beta"]) if decay_every > 0 else None,
         decay_every=decay_every,
         num_classes=num_classes,
@@ -226,7 +224,9 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
     clients = sorted(strategy.accuracy)
     if strategy.private:
         report.epsilon_per_client = {c: strategy.epsilon_spent.get(c, 0.0) for c in clients}
-        report.delta = 0.0  # pure epsilon-DP (sparse vector technique, Laplace noise)
+        # Each node's one lifetime ledger states its total at its own delta (the SVT releases
+        # themselves are pure epsilon-DP: `epsilon-this-run` is their basic composition).
+        report.delta = max(strategy.ledger_delta.values(), default=0.0)
     else:
         report.epsilon_per_client = dict.fromkeys(clients, math.inf)
     report.add_traffic(metered, strategy.node_to_client)

@@ -69,7 +69,6 @@ class DSSGDStrategy(Strategy):
         tau: float = 0.0,
         dp_epsilon: float | None = None,
         svt_split: str = "published",
-        epsilon_limit: float = math.inf,
         beta: float | None = None,
         decay_every: int = 0,
         num_classes: int = 10,
@@ -98,7 +97,6 @@ class DSSGDStrategy(Strategy):
         self.schedule_name, self.upload_mode = schedule, upload_mode
         self.gamma, self.tau = gamma, float(tau)
         self.dp_epsilon, self.svt_split = dp_epsilon, svt_split
-        self.epsilon_limit = float(epsilon_limit)
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.max_upload = upload_count(self.theta_u, self.server.num_params)
         self.accepted = 0
@@ -108,8 +106,8 @@ class DSSGDStrategy(Strategy):
         self.steps_sent: dict[int, int] = {}
         self.accepted_per_client: dict[int, int] = {}
         self.epsilon_spent: dict[int, float] = {}  # ledger totals as last reported
+        self.ledger_delta: dict[int, float] = {}  # the delta each node's ledger states them at
         self.epsilon_run: dict[int, float] = {}  # epsilon of this run's accepted uploads
-        self.train_loss: dict[int, float] = {}
         self.accuracy: dict[int, float] = {}
         self.server_accuracy: dict[int, float] = {}
         self.local_steps: dict[int, int] = {}  # steps each local model has taken (as evaluated)
@@ -192,8 +190,6 @@ class DSSGDStrategy(Strategy):
             task["gamma"] = float(self.gamma)
         if self.dp_epsilon is not None:
             task["dp-epsilon"] = float(self.dp_epsilon)
-        if math.isfinite(self.epsilon_limit):
-            task["epsilon-limit"] = self.epsilon_limit
         return ConfigRecord(task)
 
     def configure_train(
@@ -235,7 +231,7 @@ class DSSGDStrategy(Strategy):
         parameters (dense, flat) and this round's counts."""
         kept, duplicates = first_reply_per_node(replies)
         self._reject_all(duplicates)
-        accepted, losses = 0, []
+        accepted = 0
         self.answered_nodes = set()
         for reply in kept:
             node = reply.metadata.src_node_id
@@ -262,17 +258,14 @@ class DSSGDStrategy(Strategy):
             self.accepted += 1
             self.node_to_client[node] = client
             self.accepted_per_client[client] = self.accepted_per_client.get(client, 0) + 1
-            self.train_loss[client] = values["train-loss"]
             if self.private:
                 self.epsilon_spent[client] = values["epsilon-spent"]
+                self.ledger_delta[client] = values["delta"]
                 self.epsilon_run[client] = (
                     self.epsilon_run.get(client, 0.0) + values["epsilon-epoch"]
                 )
-            losses.append(values["train-loss"])
         arrays = ArrayRecord({"params": Array(self.server.params.copy())})
         summary = {"accepted": accepted, "rejected-total": len(self.rejected)}
-        if losses:
-            summary["train-loss"] = float(np.mean(losses))
         return arrays, MetricRecord(summary)
 
     def _check_upload(self, reply: Message) -> tuple[SparseUpdate, int, dict[str, float]]:
@@ -302,11 +295,11 @@ class DSSGDStrategy(Strategy):
                 )
         client = self._client_of(reply)
         found = {
-            "num-examples": metric(reply, "num-examples", low=0.0),
-            "train-loss": metric(reply, "train-loss", low=0.0),
-            "epsilon-spent": metric(reply, "epsilon-spent", low=0.0),
             "epsilon-epoch": metric(reply, "epsilon-epoch", low=0.0),
         }
+        if self.private:  # the node's ledger total; a non-DP upload carries no budget
+            found["epsilon-spent"] = metric(reply, "epsilon-spent", low=0.0)
+            found["delta"] = metric(reply, "delta", low=0.0, high=1.0)
         if self.private and found["epsilon-epoch"] <= 0:
             raise InvalidReplyError(
                 node, "reply claims no privacy cost (epsilon-epoch=0) in a DP run"

@@ -1,38 +1,39 @@
-"""The ECOS client: check the query, score the local shard, charge the ledger, add noise, reply.
+"""The ECOS client: check the query, admit it under the node's policy, charge the node's ledger,
+then score the local shard and release the counts with Gaussian noise.
 
-The client owns its budget: its epsilon limit and ledger file come from its node config when set
-(deployment), and the ledger refuses any query that would take it past the limit.
+The node owns its budget: its epsilon limit and ledger come from its node config only (see
+`ecos_flower.privacy.policy`); the server's message can neither lower the noise nor raise the
+limit. Replies are built by the release boundary (`ecos_flower.flower.release`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore import log
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from ecos_flower.ecos import coverage_scores, extractor_from_arrays, score_sensitivity
-from ecos_flower.flower.client_data import client_shard
+from ecos_flower.flower.client_data import check_data_source, client_shard
+from ecos_flower.flower.release import Refused, ReleaseBoundary, guarded
 from ecos_flower.flower.validation import checked_numpy
-from ecos_flower.privacy import BudgetExceededError, PrivacyLedger, analytic_gaussian_sigma
+from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
+from ecos_flower.privacy.ledger import PrivacyEvent
 
 # Bounds a client enforces before it allocates anything for a query (node config may change them).
 DEFAULT_LIMITS = {"max-centroids": 20_000, "max-dim": 4_096, "max-extractor-params": 50_000_000}
-DEFAULT_EPSILON_LIMIT = 10.0
-DEFAULT_LEDGER_DELTA = 1e-5  # the delta at which the ledger reports its epsilon
 DEFAULT_MAX_DELTA = 1e-4  # the largest per-query delta a node accepts unless configured
 EXTRACTOR_STATE_KEY = "ecos-extractor"
 
 
-class QueryRejected(ValueError):
-    """A query this client will not answer (absurd sizes, bad privacy parameters)."""
+class QueryRejected(Refused):
+    """A query this client will not answer (absurd sizes, bad privacy parameters): a refusal
+    that depends on the message only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"query rejected: {reason}")
 
 
 def _limit(node_config: dict[str, Any], key: str) -> int:
@@ -115,10 +116,6 @@ def check_query_fields(query: ConfigRecord, node_config: dict[str, Any]) -> tupl
             raise QueryRejected(f"radius={radius} must be a finite number >= 0")
     elif "radius" in query:
         raise QueryRejected("radius is only used with score-mode 'radius'")
-    if "client-epsilon-limit" in query:
-        limit = _number(query, "client-epsilon-limit")
-        if not (math.isfinite(limit) and limit > 0):
-            raise QueryRejected(f"client-epsilon-limit={limit} must be a positive finite number")
     for key in ("extractor-hash", "extractor-kind", "extractor-config"):
         _text(query, key)
     return k, d
@@ -138,28 +135,25 @@ def read_centroids(msg: Message, query: ConfigRecord, node_config: dict[str, Any
     return centroids
 
 
-def ledger_for(context: Context, query: ConfigRecord) -> PrivacyLedger:
-    """This node's ledger: node config `ledger-path` (persists across runs) or a per-run file."""
-    node_config = context.node_config
-    # The node's own settings rule. Without them the server's suggested limit can only lower the
-    # node's default, never raise it (a hostile server must not buy itself more budget).
-    delta = float(node_config.get("delta", DEFAULT_LEDGER_DELTA))
-    if "epsilon-limit" in node_config:
-        limit = float(node_config["epsilon-limit"])
-    else:
-        suggested = float(query.get("client-epsilon-limit", DEFAULT_EPSILON_LIMIT))
-        limit = min(DEFAULT_EPSILON_LIMIT, suggested)
-    path = node_config.get("ledger-path")
-    if not path:
-        base = Path(os.environ.get("FLWR_HOME", tempfile.gettempdir())) / "ecos-ledgers"
-        path = base / f"run-{context.run_id}-node-{context.node_id}.json"
-    return PrivacyLedger.open_or_create(
-        path, limit, delta, accountant=str(node_config.get("accountant", "gdp"))
-    )
+def check_source(config: ConfigRecord, node_config: dict[str, Any]) -> None:
+    """Refuse (before any charge) a message that names no data for this node."""
+    try:
+        check_data_source(config, node_config)
+    except ValueError as exc:
+        raise QueryRejected(str(exc)) from exc
 
 
-def _extractor(msg: Message, context: Context, query: ConfigRecord):  # noqa: ANN202
-    """The feature extractor: from this message, or from the node's state if sent before."""
+def _extractor(msg: Message, context: Context, query: ConfigRecord, dim: int):  # noqa: ANN202
+    """The feature extractor: from this message, or from the node's state if sent before; its
+    output dimension (where its weights tell it) must be the query's `dim`."""
+    extractor = _load_extractor(msg, context, query)
+    out = extractor.output_dim()
+    if out is not None and out != dim:
+        raise QueryRejected(f"extractor gives {out}-dimensional features, the query says dim={dim}")
+    return extractor
+
+
+def _load_extractor(msg: Message, context: Context, query: ConfigRecord):  # noqa: ANN202
     digest = _text(query, "extractor-hash")
     if "extractor" in msg.content:
         record = msg.content["extractor"]
@@ -191,95 +185,61 @@ def _extractor(msg: Message, context: Context, query: ConfigRecord):  # noqa: AN
     return extractor_from_arrays(str(saved["kind"]), arrays, json.loads(str(saved["config"])))
 
 
-def handle_ecos_query(msg: Message, context: Context) -> Message:
-    """Answer one `query.ecos`: K noisy coverage counts of the local training shard."""
-    query = msg.content.get("ecos")
-    # A refused query leaves the node's state as it was (no half-accepted extractor).
-    kept = {k: context.state.get(k) for k in (EXTRACTOR_STATE_KEY, EXTRACTOR_STATE_KEY + "-config")}
+def answer_ecos_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+    """Answer one `query.ecos`: K noisy coverage counts of the local training shard.
 
-    def refuse(reason: str) -> Message:
+    Order: parse the message (message-only refusals), admit the mechanism under the node's
+    policy, charge the ledger, and only then read the data; the scoring is total (samples with
+    non-finite features are dropped), so no data-dependent branch exists after the charge. A
+    query that is not answered leaves the node's state as it was (no half-accepted extractor).
+    """
+    kept = {k: context.state.get(k) for k in (EXTRACTOR_STATE_KEY, EXTRACTOR_STATE_KEY + "-config")}
+    try:
+        return _answer_ecos_query(msg, context, boundary)
+    except Exception:
         for key, record in kept.items():
             if record is None:
                 context.state.pop(key, None)
             else:
                 context.state[key] = record
-        return _refusal(msg, reason, context.node_id)
+        raise
 
-    try:
-        centroids = read_centroids(msg, query, context.node_config)
-        config = msg.content.get("config")
-        if not isinstance(config, ConfigRecord):
-            raise QueryRejected("query has no ConfigRecord 'config'")
-        extractor = _extractor(msg, context, query)
-    except QueryRejected as exc:
-        return refuse(f"query rejected: {exc}")
-    try:
-        shard = client_shard(config, context.node_config)
-    except (ValueError, OSError, KeyError, TypeError) as exc:  # a config naming no usable data
-        return refuse(f"query rejected: this node's data cannot be loaded: {exc}")
-    try:
-        features = extractor.transform(shard.train.images, progress=False)
-    except Exception as exc:  # weights that do not fit this node's images
-        reason = f"query rejected: extractor does not apply to this node's data: {exc}"
-        return refuse(reason)
-    if features.ndim != 2 or features.shape[1] != centroids.shape[1]:
-        reason = (
-            f"query rejected: extractor gives features of shape {features.shape[1:]}, the "
-            f"centroids have dim {centroids.shape[1]}"
-        )
-        return refuse(reason)
-    if not np.all(np.isfinite(features)):  # e.g. a shipped scale that overflows float32
-        return refuse("query rejected: extractor gives non-finite features on this node's data")
+
+def _answer_ecos_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+    query = msg.content.get("ecos")
+    centroids = read_centroids(msg, query, context.node_config)
+    config = msg.content.get("config")
+    if not isinstance(config, ConfigRecord):
+        raise QueryRejected("query has no ConfigRecord 'config'")
+    noisy = _flag(query, "noise", True)
+    mechanism = "ecos-counts" if noisy else "exact-counts"
+    boundary.admit(mechanism)
+    extractor = _extractor(msg, context, query, dim=centroids.shape[1])
+    check_source(config, context.node_config)
     mode = str(query.get("score-mode", "nearest"))
     max_per_sample = int(query.get("max-per-sample", 1))
     radius = float(query["radius"]) if "radius" in query else None
+    sensitivity = score_sensitivity(mode, max_per_sample)
+    metrics: dict[str, float | int] = {**boundary.node_label(), "sensitivity": sensitivity}
+    sigma = 0.0
+    if noisy:
+        sigma = analytic_gaussian_sigma(float(query["epsilon"]), float(query["delta"]), sensitivity)
+        event = PrivacyEvent.gaussian(sigma / sensitivity, note=f"ecos query, run {context.run_id}")
+        spent, noise = boundary.charge(event)
+        metrics.update(boundary.budget_metrics(spent))
+    metrics["sigma"] = sigma
+    # Charged (if private): only from here on is the node's data read.
+    shard = client_shard(config, context.node_config)
+    features = np.asarray(extractor.transform(shard.train.images, progress=False))
+    if features.ndim != 2 or features.shape[1] != centroids.shape[1]:
+        raise ValueError(f"extractor features {features.shape[1:]} vs centroids {centroids.shape}")
     scores = coverage_scores(
         features, centroids, mode=mode, radius=radius, max_per_sample=max_per_sample
     )
-    sensitivity = score_sensitivity(mode, max_per_sample)
-    metrics: dict[str, float | int] = {
-        "num-examples": len(shard.train),
-        "partition-id": int(context.node_config["partition-id"]),
-        "sensitivity": sensitivity,
-    }
-    if bool(query.get("noise", True)):
-        epsilon, delta = float(query["epsilon"]), float(query["delta"])
-        sigma = analytic_gaussian_sigma(epsilon, delta, sensitivity)
-        try:
-            ledger = ledger_for(context, query)
-            spent = ledger.charge(sigma / sensitivity, note=f"ecos query, run {context.run_id}")
-        except BudgetExceededError as exc:
-            return refuse(str(exc))
-        rng = noise_generator(context.node_config, release_index=len(ledger.releases))
-        scores = scores + rng.normal(0.0, sigma, size=scores.shape)
-        metrics.update(
-            {
-                "sigma": sigma,
-                "epsilon-spent": spent,
-                "delta": ledger.delta,
-                "epsilon-limit": ledger.epsilon_limit,
-            }
-        )
-    else:
-        metrics["sigma"] = 0.0  # oracle query: exact counts, no privacy (epsilon infinite)
-    content = RecordDict(
-        {
-            "scores": ArrayRecord([scores.astype(np.float64)]),
-            "metrics": MetricRecord(metrics),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    if noisy:
+        scores = noise.gaussian_release(scores, sigma)  # OpenDP's float-safe sampler (fresh)
+    records = {"scores": ArrayRecord([np.asarray(scores, dtype=np.float64)])}
+    return boundary.reply(mechanism, records, metrics)
 
 
-def noise_generator(node_config: dict[str, Any], release_index: int) -> np.random.Generator:
-    """Fresh OS entropy, unless the node's operator set a private `noise-seed` (experiments that
-    must repeat): then one stream per release, so no two releases ever share their noise."""
-    if "noise-seed" in node_config:
-        return np.random.default_rng([int(node_config["noise-seed"]), int(release_index)])
-    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-
-
-def _refusal(msg: Message, reason: str, node_id: int | None = None) -> Message:
-    """A reply that refuses the message with `reason` (logged on the node as well)."""
-    log(WARNING, "node %s refuses %s: %s", node_id, msg.metadata.message_type, reason)
-    return Message(content=RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
+handle_ecos_query = guarded(answer_ecos_query)

@@ -53,13 +53,11 @@ class EcosStrategy(Strategy):
         radius: float | None = None,
         max_per_sample: int = 1,
         threshold_multiple: float = 2.0,
-        client_epsilon_limit: float = 10.0,
     ) -> None:
         self.epsilon, self.delta, self.noise = float(epsilon), float(delta), bool(noise)
         self.score_mode, self.radius = score_mode, radius
         self.max_per_sample = int(max_per_sample)
         self.threshold_multiple = float(threshold_multiple)
-        self.client_epsilon_limit = float(client_epsilon_limit)
         self.accepted_scores: dict[int, np.ndarray] = {}
         self.sigmas: dict[int, float] = {}
         self.epsilon_spent: dict[int, float] = {}
@@ -105,7 +103,6 @@ class EcosStrategy(Strategy):
             "noise": self.noise,
             "epsilon": self.epsilon,
             "delta": self.delta,
-            "client-epsilon-limit": self.client_epsilon_limit,
             "extractor-hash": digest,
             "extractor-kind": extractor.kind,
             "extractor-config": json.dumps(extractor.config(), default=str),

@@ -39,19 +39,28 @@ class RecordingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
+        """Keep each node's metrics and return their unweighted mean accuracy: nodes do not
+        release their test-set sizes, so there is nothing to weight by."""
+        accuracies = []
         for reply in replies:
-            if reply.has_error():
-                self.errors[reply.metadata.src_node_id] = str(reply.error.reason)
-                log(
-                    WARNING,
-                    "node %s failed to evaluate: %s",
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
+            if reply.has_error() or "refusal" in reply.content:
+                reason = (
+                    str(reply.error.reason)
+                    if reply.has_error()
+                    else str(reply.content["refusal"]["reason"])
                 )
+                self.errors[reply.metadata.src_node_id] = reason
+                log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id, reason)
                 continue
-            self.last_evaluation[reply.metadata.src_node_id] = reply.content["metrics"]
-        return super().aggregate_evaluate(server_round, replies)
+            metrics = reply.content.get("metrics")
+            if not isinstance(metrics, MetricRecord) or "accuracy" not in metrics:
+                self.errors[reply.metadata.src_node_id] = "no accuracy in its evaluate reply"
+                continue
+            self.last_evaluation[reply.metadata.src_node_id] = metrics
+            accuracies.append(float(metrics["accuracy"]))
+        if not accuracies:
+            return None
+        return MetricRecord({"accuracy": sum(accuracies) / len(accuracies)})
 
 
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
@@ -101,6 +110,8 @@ def run_fedavg_with(
         node_to_client[node_id] = client
         report.accuracy_per_client[client] = float(metrics["accuracy"])
     report.add_traffic(metered, node_to_client)
+    if recorder.errors:  # nodes whose replies were dropped (named, with the reason)
+        report.extra["problems"] = {str(node): reason for node, reason in recorder.errors.items()}
     report.wall_s = time.time() - start
     report.phase_seconds["federated-training"] = report.wall_s
     report.settings = {

@@ -71,7 +71,13 @@ class InProcessGrid(Grid):
         self.apps = {nid: overrides.get(i, client_app) for i, nid in enumerate(self.node_ids)}
         self.contexts: dict[int, Context] = {}
         for index, node_id in enumerate(self.node_ids):
-            node_config = {"partition-id": index, "num-partitions": num_nodes}
+            # The in-process engine is a simulation: its nodes hold the researcher's data, so
+            # they get the research policy unless a test's node config says otherwise.
+            node_config = {
+                "partition-id": index,
+                "num-partitions": num_nodes,
+                "privacy-policy": "research",
+            }
             node_config.update((node_configs or {}).get(index, {}))
             self.contexts[node_id] = Context(
                 run_id=run_id,

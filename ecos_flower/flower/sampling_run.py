@@ -103,7 +103,6 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         radius=float(config["radius"]) if config["score-mode"] == "radius" else None,
         max_per_sample=int(config["max-per-sample"]),
         threshold_multiple=float(config["threshold-multiple"]),
-        client_epsilon_limit=float(config["client-epsilon-limit"]),
     )
     strategy.summary()
     extra: dict[str, Any] = {}

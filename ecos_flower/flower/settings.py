@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +43,6 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "radius": 0.0,
     "max-per-sample": 1,
     "threshold-multiple": 2.0,
-    "client-epsilon-limit": 10.0,
     "extractor": "random",
     "extractor-epochs": 5,
     "pca-components": 64,
@@ -89,6 +87,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "finetune-ridge": 1.0,
     "finetune-covariance-share": 0.3,
     "finetune-floor": 0.01,
+    "finetune-normaliser": 100.0,
     "feature-cache": "",
     "timeout": 3600.0,
     # DSSGD: local epochs per participant (server rounds are derived), schedule, up/download
@@ -103,7 +102,6 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "tau": 0.0,
     "dssgd-epsilon": 0.0,
     "svt-split": "published",
-    "dssgd-epsilon-limit": math.inf,
     "stat-beta": 1.0,
     "stat-decay-every": 0,
     "evaluate-every": 0,

@@ -1,4 +1,4 @@
-"""Differential-privacy building blocks: Gaussian mechanism calibration and the client's ledger."""
+"""Differential-privacy building blocks: Gaussian mechanism calibration and the node's ledger."""
 
 from ecos_flower.privacy.gaussian import (
     GaussianMechanism,
@@ -10,18 +10,20 @@ from ecos_flower.privacy.gaussian import (
 from ecos_flower.privacy.ledger import (
     BudgetExceededError,
     LedgerCorruptError,
-    PrivacyLedger,
-    Release,
+    NodeLedger,
+    PrivacyEvent,
+    compose_epsilon,
 )
 
 __all__ = [
     "BudgetExceededError",
     "GaussianMechanism",
     "LedgerCorruptError",
-    "PrivacyLedger",
-    "Release",
+    "NodeLedger",
+    "PrivacyEvent",
     "analytic_gaussian_epsilon",
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
+    "compose_epsilon",
     "gaussian_delta",
 ]
