@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from ecos_flower.flower.engines import run_once
-from ecos_flower.flower.local_deployment import LocalDeployment
 from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config
+from ecos_flower.testing.deployment import LocalDeployment
 
 SCENARIO = PACKAGE_ROOT / "simulations" / "embedded.toml"
 NUM_CLIENTS = 10

@@ -19,16 +19,19 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from flwr.app import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ecos_flower.client_app import app as client_app  # noqa: E402
-from ecos_flower.data.examples import write_tiny_scenario  # noqa: E402
 from ecos_flower.flower.inprocess import InProcessGrid, run_in_process  # noqa: E402
 from ecos_flower.flower.settings import merge_run_config  # noqa: E402
 from ecos_flower.server_app import make_server_app  # noqa: E402
+from ecos_flower.testing.scenarios import write_tiny_scenario  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -49,7 +52,9 @@ class MeasuredGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.label, self.rows = label, rows
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         kind = messages[0].metadata.message_type if messages else "-"
         start = time.perf_counter()

@@ -8,21 +8,27 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ecos_flower.config import SETTINGS_BY_NAME
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.settings import merge_run_config, resolve_path
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values parsed as TOML (numbers, booleans, strings), else kept as text."""
+    """`key=value` pairs; values parsed as TOML (numbers, booleans, strings), else kept as text
+    (so is the text of a key declared as a string: `--set results-dir=2024`). merge_run_config
+    validates them: an unknown key or a bad value is an error naming the key."""
     parsed: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise SystemExit(f"error: --set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
+        key, value = (part.strip() for part in pair.split("=", 1))
         try:
-            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            parsed[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = value
+            parsed[key] = value
+        setting = SETTINGS_BY_NAME.get(key)
+        if setting is not None and setting.kind is str and not isinstance(parsed[key], str):
+            parsed[key] = value
     return parsed
 
 

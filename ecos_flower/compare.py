@@ -10,9 +10,13 @@ import tomllib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 from ecos_flower.data import load_scenario
 from ecos_flower.flower.engines import run_once
@@ -93,11 +97,13 @@ def run_compare(
     scenario_path = resolve_path(scenario, "scenario")
     num_clients = load_scenario(scenario_path).num_clients
     layers = {m: preset_config(m) for m in methods}  # validate every name before running
+    # Every preset with the overrides, validated before any run (errors name the bad key).
+    checked = {m: merge_run_config(layers[m], overrides or {}) for m in methods}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = []
     for method in methods:
-        method_budgets = budgets if (budgets and layers[method]["method"] in SAMPLING) else [None]
+        method_budgets = budgets if (budgets and checked[method]["method"] in SAMPLING) else [None]
         for budget in method_budgets:
             for seed in range(seeds):
                 plan.append((method, budget, seed))
@@ -106,12 +112,11 @@ def run_compare(
     for method, budget, seed in progress:
         label = method if budget is None else f"{method} B={budget}"
         progress.set_postfix_str(f"{label} seed {seed}")
-        layer = dict(layers[method])
+        # The swept budget and seed win over the preset and the overrides.
+        swept = {"scenario": str(scenario_path), "seed": seed}
         if budget is not None:
-            layer["budget"] = int(budget)
-        config = merge_run_config(
-            layer, overrides or {}, {"scenario": str(scenario_path), "seed": seed}
-        )
+            swept["budget"] = budget
+        config = merge_run_config(layers[method], overrides or {}, swept)
         start = time.time()
         report = run_once(config, num_clients, engine)
         report.wall_s = time.time() - start
@@ -119,7 +124,7 @@ def run_compare(
             to_record(
                 report,
                 method,
-                layer.get("budget") if layers[method]["method"] in SAMPLING else None,
+                config["budget"] if config["method"] in SAMPLING else None,
             )
         )
         (out / "results.json").write_text(json.dumps(records, indent=2))
@@ -235,7 +240,7 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     groups = _group(records)
     paths = []
 
-    def finish(fig, ax, name: str, xlabel: str) -> None:  # noqa: ANN001
+    def finish(fig: Figure, ax: Axes, name: str, xlabel: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("client test accuracy (%)")
         ax.grid(alpha=0.3)

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from threadpoolctl import threadpool_limits
 
-from ecos_flower.data import load_scenario
+from ecos_flower.data import load_federation, load_scenario
 from ecos_flower.flower.applications import run_dp_linear_probe
 from ecos_flower.flower.baselines_run import run_centralized, run_dp_fedavg, run_local
 from ecos_flower.flower.dssgd_run import run_dssgd
@@ -34,15 +34,16 @@ METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
 
 
 def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
-    """Resolve paths, run the configured method, log and (optionally) write its report."""
-    method = str(config["method"])
+    """Resolve paths, run the configured method, log and (optionally) write its report.
+    `config` is a validated run config (`merge_run_config`): its values have their types."""
+    method = config["method"]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     config = dict(config)
     config["scenario"] = str(resolve_path(config["scenario"], "scenario"))
-    set_torch_threads(int(config["torch-threads"]))
+    set_torch_threads(config["torch-threads"])
     expected = load_scenario(config["scenario"], config["data-root"] or None).num_clients
-    nodes = wait_for_nodes(grid, expected, timeout=float(config["node-wait"]))
+    nodes = wait_for_nodes(grid, expected, timeout=config["node-wait"])
     if len(nodes) != expected:
         log(
             WARNING,
@@ -54,9 +55,13 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
             len(nodes),
         )
     config["num-clients"] = len(nodes)
+    # The label space every client is told (the pool's classes); no client assumes a default.
+    config["num-classes"] = load_federation(
+        config["scenario"], data_root=config["data-root"] or None, num_clients=len(nodes)
+    ).num_classes
     # BLAS/OpenMP pools (scikit-learn's K-means, numpy) get the same thread count as torch:
     # on small shared machines their default of one thread per core ran K-means 8x slower.
-    with threadpool_limits(limits=max(1, int(config["torch-threads"]))):
+    with threadpool_limits(limits=config["torch-threads"]):
         report = METHODS[method](grid, config)
     for line in report.table().splitlines():
         log(INFO, "%s", line)

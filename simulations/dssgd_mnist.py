@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from ecos_flower.dssgd.selection import upload_count
-from ecos_flower.dssgd.simulate import DSSGDConfig, run_centralized, run_dssgd, run_standalone
+from ecos_flower.dssgd.simulate import DSSGDConfig, simulate_centralized, simulate_standalone
+from ecos_flower.flower.dssgd_simulation import simulate_dssgd
 from ecos_flower.models.nets import PaperCNN, PaperMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +67,7 @@ MODELS = {"mlp": PaperMLP, "cnn": PaperCNN}
 RUN_KINDS = ("standalone", "centralized", "dssgd", "dp")
 
 
-def model_factory(kind: str):  # noqa: ANN201 - seed -> a fresh paper model
+def model_factory(kind: str) -> Callable[[int], torch.nn.Module]:
     """The paper's MLP or CNN, initialised from `seed`."""
 
     def model_fn(seed: int) -> torch.nn.Module:
@@ -120,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             config = DSSGDConfig(epochs=args.epochs, seed=seed, **overrides)
             bar.set_postfix_str(f"seed {seed} {name}")
             if name == "standalone":
-                out = run_standalone(shares, tests, model_fn, config)
+                out = simulate_standalone(shares, tests, model_fn, config)
             elif name == "centralized":
-                out = run_centralized(shares, tests, model_fn, config)
+                out = simulate_centralized(shares, tests, model_fn, config)
             else:
-                out = run_dssgd(shares, tests, model_fn, config)
+                out = simulate_dssgd(shares, tests, model_fn, config)
             out.pop("participant_accuracy", None)
             results[name].append(out)
             bar.update(1)

@@ -3,7 +3,7 @@ per method, budget and epsilon, on `simulations/digits-usps.toml`.
 
 ECOS runs through Flower's in-process engine for each (budget, seed); an application registered
 in `sampling_run.APPLICATIONS` keeps the cloud model. Then every client fine-tunes that model's
-head on its private train split with `application_client.finetune_head` (the very code the
+head on its private train split with `ecos_flower.client.applications.finetune_head` (the code the
 ClientApp runs for `evaluate.finetune`, with the presets' settings) at each epsilon, and is
 scored on its test split. One ECOS run serves every (method, epsilon) cell, so the before/after
 comparison uses the same model. Settings were chosen on seeds 0 and 1 at epsilon 1; seed 2 is
@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ecos_flower.applications import head_features
+from ecos_flower.client.applications import FinetuneSpec, finetune_head, read_finetune_spec
 from ecos_flower.compare import preset_config
 from ecos_flower.data import load_federation
 from ecos_flower.flower import sampling_run
-from ecos_flower.flower.application_client import finetune_head, read_finetune_spec
 from ecos_flower.flower.applications import finetune_record, public_feature_scale_of
 from ecos_flower.flower.engines import run_once
 from ecos_flower.flower.settings import merge_run_config
@@ -51,10 +51,12 @@ def keep_model(context: sampling_run.SelectionContext) -> torch.nn.Module:
     return model
 
 
-def finetune_spec(preset: str, epsilon: float, scale: float, config: dict[str, Any]):  # noqa: ANN201
+def finetune_spec(
+    preset: str, epsilon: float, scale: float, config: dict[str, Any]
+) -> FinetuneSpec:
     """What a client parses from the `finetune` record the server sends for this preset."""
     layer = preset_config(preset) | {"finetune-epsilon": epsilon}
-    run_config = merge_run_config(layer, {k: config[k] for k in ("delta", "client-epsilon-limit")})
+    run_config = merge_run_config(layer, {"delta": config["delta"]})
     return read_finetune_spec(finetune_record(run_config, scale), {})  # default node limits
 
 

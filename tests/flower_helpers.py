@@ -8,11 +8,11 @@ from typing import Any
 from flwr.app import Error, Message, RecordDict
 
 from ecos_flower.client_app import app as client_app
-from ecos_flower.data.examples import write_tiny_scenario
 from ecos_flower.flower.inprocess import InProcessGrid, run_in_process, set_server_identity
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.settings import merge_run_config
 from ecos_flower.server_app import make_server_app
+from ecos_flower.testing.scenarios import write_tiny_scenario
 
 FAST = {
     "num-server-rounds": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +14,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from ecos_flower.client_app import app as client_app
 from ecos_flower.compare import available_methods, preset_config
-from ecos_flower.flower.applications import aggregate_knn, knn_neighbours
-from ecos_flower.flower.ecos_strategy import EcosStrategy
+from ecos_flower.flower.applications import PrivateKnnRound, knn_neighbours
 from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.privacy.ledger import NodeLedger
 
@@ -127,20 +127,16 @@ def test_knn_vote_noise_on_the_wire_has_the_stated_sigma(scenario, tmp_path):
 
     from ecos_flower.applications import knn_votes
     from ecos_flower.data import load_federation
-    from ecos_flower.flower.sampling_run import build_extractor
+    from ecos_flower.flower.selection import build_extractor
     from ecos_flower.flower.settings import merge_run_config
 
     config = merge_run_config(FAST, {"scenario": str(scenario), "knn-k": 3})
     federation = load_federation(scenario)
     extractor = build_extractor(config, federation)
     queries = extractor.transform(federation.pool.images[:300])
-    from ecos_flower.flower.applications import configure_knn
-    from ecos_flower.flower.sampling_run import SelectionContext
-
     grid, _ = _ledger_grid(tmp_path)
-    strategy = EcosStrategy()
-    context = SelectionContext(config, federation, np.arange(300), grid, strategy, None, extractor)
-    replies = list(grid.send_and_receive(configure_knn(context, extractor, queries)))
+    knn = PrivateKnnRound(config, federation.num_classes, grid)
+    replies = list(grid.send_and_receive(knn.messages(extractor, queries)))
     for reply in replies:
         client = int(reply.content["metrics"]["partition-id"])
         sigma = float(reply.content["metrics"]["sigma"])
@@ -190,14 +186,14 @@ def _vote_reply(msg: Message, votes, metrics) -> Message:
 )
 def test_bad_vote_replies_are_rejected_naming_the_node(make, expected):
     query = Message(RecordDict(), 7, "query.knn")
-    strategy = EcosStrategy()
+    knn = PrivateKnnRound({}, 3)
     # A reply needs delivery metadata: fake what the grid would set.
     reply = make(query)
     reply.metadata.__dict__["_src_node_id"] = 7
-    votes, _, _ = aggregate_knn(strategy, [reply], (4, 3))
-    assert votes == [] and len(strategy.rejected) == 1
-    assert "node 7" in str(strategy.rejected[0]) and expected in str(strategy.rejected[0])
-    assert strategy.epsilon_spent == {}
+    votes, _ = knn.aggregate([reply], (4, 3))
+    assert votes == [] and len(knn.rejected) == 1
+    assert "node 7" in str(knn.rejected[0]) and expected in str(knn.rejected[0])
+    assert knn.epsilon_spent == {} and knn.node_to_client == {}
 
 
 @pytest.mark.parametrize(
@@ -237,29 +233,50 @@ def test_dp_finetuning_is_charged_and_reported(scenario, tmp_path, method, finet
         assert report.epsilon == pytest.approx(0.8, rel=1e-3)
 
 
-@pytest.mark.parametrize(
-    ("setting", "value", "problem"),
-    [
-        ("finetune-method", "dp-magic", "unknown method 'dp-magic'"),
-        ("finetune-covariance-share", 1.5, "covariance-share=1.5 must lie in (0, 1)"),
-        ("finetune-ridge", -1.0, "ridge=-1.0 must be a positive"),
-        ("finetune-init", "pretrained", "init='pretrained' must be"),
-    ],
-)
-def test_bad_finetuning_settings_are_refused_before_any_charge(
-    scenario, tmp_path, setting, value, problem
-):
-    grid, _ = _ledger_grid(tmp_path)
-    report, _ = run_tiny(
-        scenario,
-        grid=grid,
-        method="random",
-        **{"finetune-epsilon": 0.5, "finetune-method": "dp-fc", setting: value},
-    )
-    assert sorted(report.extra["finetune-refused"]) == ["0", "1", "2"]
-    assert problem in report.extra["finetune-refused"]["1"]
-    assert report.epsilon == 0.0
-    assert not (tmp_path / "ledger-0.json").exists()  # nothing was charged
+BAD_FINETUNING = [
+    ("finetune-method", "dp-magic", "unknown method 'dp-magic'"),
+    ("finetune-covariance-share", 1.5, "covariance-share=1.5 must lie in (0, 1)"),
+    ("finetune-ridge", -1.0, "ridge=-1.0 must be a positive"),
+    ("finetune-init", "pretrained", "unknown init 'pretrained'"),
+]
+
+
+@pytest.mark.parametrize(("setting", "value", "problem"), BAD_FINETUNING)
+def test_bad_finetuning_settings_are_refused_by_the_run_config(scenario, setting, value, problem):
+    """The server's run config refuses them before any run starts, naming the key."""
+    with pytest.raises(ValueError, match=f"run-config key '{setting}'"):
+        run_tiny(scenario, method="random", **{"finetune-epsilon": 0.5, setting: value})
+
+
+@pytest.mark.parametrize(("setting", "value", "problem"), BAD_FINETUNING)
+def test_bad_finetuning_settings_are_refused_by_the_client(setting, value, problem):
+    """A server that skips that check (or crafts the record) meets the client's own: the
+    request is refused while it is parsed, before anything is charged."""
+    from flwr.app import ConfigRecord
+
+    try:
+        from ecos_flower.client.applications import read_finetune_spec
+    except ImportError:  # before the client handlers moved to ecos_flower/client/
+        from ecos_flower.flower.application_client import read_finetune_spec
+
+    record = {
+        "method": "dp-fc",
+        "epsilon": 0.5,
+        "delta": 1e-5,
+        "steps": 100,
+        "clip": 1.0,
+        "learning-rate": 1.0,
+        "init": "zero",
+        "ridge": 1.0,
+        "covariance-share": 0.3,
+        "floor": 0.01,
+        "feature-scale": 3.0,
+        "normaliser": 100.0,
+    }
+    record[setting.removeprefix("finetune-")] = value
+    with pytest.raises(Exception, match=re.escape(problem)) as refused:
+        read_finetune_spec(ConfigRecord(record), {})
+    assert type(refused.value).__name__ == "QueryRejected"
 
 
 def test_finetuning_past_the_budget_reports_the_received_model(scenario, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flower_helpers import tiny_scenario
 
-from ecos_flower.flower.local_deployment import (
+from ecos_flower.testing.deployment import (
     LocalDeployment,
     _descendants,
     generate_certificates,

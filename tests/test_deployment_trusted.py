@@ -48,7 +48,7 @@ from typing import Any
 
 import pytest
 
-from ecos_flower.flower.local_deployment import (
+from ecos_flower.testing.deployment import (
     LocalDeployment,
     _descendants,
     _toml_value,
@@ -420,7 +420,7 @@ def test_trusted_entities_file_must_hold_ed25519_keys(tmp_path):
     """A SuperNode refuses to start with a malformed trusted-entities file or a non-Ed25519
     key (Flower exit code 304, SUPERNODE_INVALID_TRUSTED_ENTITIES), before connecting
     anywhere."""
-    from ecos_flower.flower.local_deployment import generate_supernode_key
+    from ecos_flower.testing.deployment import generate_supernode_key
 
     _, ecdsa_public = generate_supernode_key(tmp_path / "keys", "ecdsa")
     cases = {

@@ -1,4 +1,5 @@
-"""Participant helpers and the Flower-free driver on a tiny synthetic task."""
+"""Participant helpers and the in-memory DSSGD driver (the Flower strategy on an in-process
+grid) on a tiny synthetic task."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from ecos_flower.dssgd.participant import (
     load_flat_params,
     local_step,
 )
-from ecos_flower.dssgd.simulate import DSSGDConfig, run_centralized, run_dssgd, run_standalone
+from ecos_flower.dssgd.simulate import DSSGDConfig, simulate_centralized, simulate_standalone
 from ecos_flower.dssgd.sparse import SparseUpdate
+from ecos_flower.flower.dssgd_simulation import simulate_dssgd
 from ecos_flower.models.nets import PaperMLP
 
 
@@ -50,7 +52,16 @@ def test_local_step_modes(mode):
     x, y = _data(64, 0)
     before = flatten_params(model)
     upd, eps = local_step(
-        model, x, y, batch_size=16, lr=0.05, seed=0, theta_u=0.1, mode=mode, gamma=0.01, tau=0.0
+        model,
+        x,
+        y,
+        batch_size=16,
+        learning_rate=0.05,
+        seed=0,
+        theta_u=0.1,
+        mode=mode,
+        gamma=0.01,
+        tau=0.0,
     )
     assert eps == 0.0
     assert 0 < len(upd) <= int(np.ceil(0.1 * before.size))
@@ -83,12 +94,12 @@ def test_driver_runs_and_collaboration_helps(schedule):
     trains = [_data(24, s) for s in range(4)]
     tests = [_data(60, 100 + s) for s in range(4)]
     config = DSSGDConfig(epochs=3, schedule=schedule, theta_u=0.5, batch_size=8, seed=0)
-    out = run_dssgd(trains, tests, _model, config)
+    out = simulate_dssgd(trains, tests, _model, config)
     assert len(out["participant_accuracy"]) == 4
     assert out["bytes_up"] > 0 and out["bytes_down"] > 0
     assert out["epsilon_per_participant"] == [0.0] * 4
     assert 0.0 <= out["server_accuracy"] <= 1.0
-    dp = run_dssgd(
+    dp = simulate_dssgd(
         trains,
         tests,
         _model,
@@ -101,5 +112,6 @@ def test_baselines():
     trains = [_data(24, s) for s in range(3)]
     tests = [_data(60, 100 + s) for s in range(3)]
     config = DSSGDConfig(epochs=2, batch_size=8)
-    assert len(run_standalone(trains, tests, _model, config)["participant_accuracy"]) == 3
-    assert 0 <= run_centralized(trains, tests, _model, config)["mean_participant_accuracy"] <= 1
+    assert len(simulate_standalone(trains, tests, _model, config)["participant_accuracy"]) == 3
+    pooled = simulate_centralized(trains, tests, _model, config)
+    assert 0 <= pooled["mean_participant_accuracy"] <= 1

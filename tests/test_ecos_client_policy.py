@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ecos_flower.flower.ecos_client import QueryRejected, check_query_fields
+from ecos_flower.client.messages import ECOS_QUERY, QueryRejected
 from ecos_flower.privacy.policy import MECHANISMS, OPT_IN, NodePolicy, PolicyError
 
 
@@ -95,6 +95,6 @@ def test_the_ledger_delta_is_the_nodes_not_the_servers():
 
 def test_a_query_with_a_delta_above_the_nodes_maximum_is_refused():
     with pytest.raises(QueryRejected, match="above this node's max-delta=0.0001"):
-        check_query_fields(_query(delta=0.01), {})
+        ECOS_QUERY.parse(_query(delta=0.01), {})
     with pytest.raises(QueryRejected, match="extractor-hash"):  # past the delta check
-        check_query_fields(_query(delta=0.01), {"max-delta": 0.05})  # the operator may allow it
+        ECOS_QUERY.parse(_query(delta=0.01), {"max-delta": 0.05})  # the operator may allow it

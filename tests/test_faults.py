@@ -20,23 +20,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flower_helpers import FAST, run_tiny, tiny_scenario
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
-import ecos_flower.flower.ecos_client as ecos_client
+import ecos_flower.client.ecos as ecos_client
 import ecos_flower.privacy.ledger as ledger_module
+from ecos_flower.client.dssgd import handle_dssgd_train
+from ecos_flower.client.ecos import handle_ecos_query
+from ecos_flower.client.release import INTERNAL_FAILURE
 from ecos_flower.client_app import app as client_app
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import flatten_params
 from ecos_flower.ecos import compress, make_extractor
-from ecos_flower.flower.dssgd_client import handle_dssgd_train, seeded_model
 from ecos_flower.flower.dssgd_run import make_strategy
-from ecos_flower.flower.ecos_client import handle_ecos_query
-from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid, set_server_identity
-from ecos_flower.flower.release import INTERNAL_FAILURE
 from ecos_flower.flower.settings import DEFAULT_RUN_CONFIG, client_config, merge_run_config
 from ecos_flower.flower.validation import NO_REPLY
+from ecos_flower.models import seeded_model
 from ecos_flower.privacy import NodeLedger, PrivacyEvent, compose_epsilon
+from ecos_flower.strategy.ecos_query import QuerySettings, query_messages
 
 NUM_NODES = 6
 CRASH, OFFLINE, LOST = 1, 3, 4  # node indices: raises, never answers, works but reply is lost
@@ -440,9 +441,12 @@ def ecos_query(tmp_path_factory):
     extractor = make_extractor("pca", n_components=8).fit(federation.pool.images)
     compression = compress(extractor.transform(federation.pool.images), 6, seed=0)
     grid = InProcessGrid(client_app, 1)
-    strategy = EcosStrategy(epsilon=1.0, delta=1e-5)
-    (message,) = strategy.configure_query(
-        1, compression.centroids, extractor, client_config(config), grid
+    (message,) = query_messages(
+        QuerySettings(epsilon=1.0, delta=1e-5),
+        compression.centroids,
+        extractor,
+        client_config(config),
+        grid.node_ids,
     )
     set_server_identity(1)
     message.metadata.__dict__["_message_id"] = "query-1"
@@ -524,9 +528,10 @@ def dssgd_task(tmp_path, flwr_home):
     )
     federation = load_federation(scenario, num_clients=3)
     model = seeded_model("paper-mlp", 0, federation.num_classes, 1, 8)
-    strategy = make_strategy(config, flatten_params(model), federation.num_classes)
+    strategy = make_strategy(config, federation.num_classes)
     grid = InProcessGrid(client_app, 1)
-    (message,) = strategy.configure_train(1, ArrayRecord(), client_config(config), grid)
+    initial = ArrayRecord({"params": Array(flatten_params(model))})
+    (message,) = strategy.configure_train(1, initial, client_config(config), grid)
     set_server_identity(1)
     message.metadata.__dict__["_message_id"] = "train-1"
     return message

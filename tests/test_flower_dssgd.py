@@ -15,17 +15,20 @@ import pytest
 from flower_helpers import run_tiny, tiny_scenario
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-import ecos_flower.flower.dssgd_client as dssgd_client
+import ecos_flower.client.dssgd as dssgd_client
+from ecos_flower.client.dssgd import STATE_INFO, STATE_PARAMS
 from ecos_flower.client_app import app as client_app
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import ParameterServer, SparseUpdate, flatten_params, upload_count
 from ecos_flower.dssgd.server import fraction_count
-from ecos_flower.flower.dssgd_client import STATE_INFO, STATE_PARAMS, seeded_model
 from ecos_flower.flower.dssgd_run import make_strategy
 from ecos_flower.flower.inprocess import InProcessGrid, set_server_identity
 from ecos_flower.flower.settings import client_config, merge_run_config
+from ecos_flower.models import seeded_model
+from ecos_flower.strategy import Dssgd
 
 DSSGD = {"method": "dssgd", "model": "paper-mlp", "dssgd-epochs": 2}
+_INITIAL: dict[Dssgd, ArrayRecord] = {}  # each strategy's initial model, sent in round 1
 
 
 @pytest.fixture()
@@ -40,13 +43,15 @@ def _setup(scenario, num_nodes: int = 3, client_apps=None, node_configs=None, **
     )
     federation = load_federation(scenario, num_clients=num_nodes)
     model = seeded_model("paper-mlp", 0, federation.num_classes, 1, 8)
-    strategy = make_strategy(config, flatten_params(model), federation.num_classes)
+    strategy = make_strategy(config, federation.num_classes)
+    _INITIAL[strategy] = ArrayRecord({"params": Array(flatten_params(model))})
     grid = InProcessGrid(client_app, num_nodes, client_apps=client_apps, node_configs=node_configs)
     return strategy, grid, client_config(config)
 
 
 def _round(strategy, grid, config, server_round):
-    messages = strategy.configure_train(server_round, ArrayRecord(), config, grid)
+    arrays = _INITIAL[strategy] if server_round == 1 else ArrayRecord()
+    messages = strategy.configure_train(server_round, arrays, config, grid)
     replies = list(grid.send_and_receive(messages))
     strategy.aggregate_train(server_round, replies)
     return messages, replies
@@ -100,14 +105,14 @@ def test_the_next_step_starts_from_the_local_model_kept_in_state(scenario, monke
     np.testing.assert_array_equal(after_first, seen[0][1])
     for server_round in (2, 3):
         _round(strategy, grid, config, server_round)
-    download = strategy.server.download(0.3)  # what round 4 sends
+    download = strategy._server.download(0.3)  # what round 4 sends
     messages, _ = _round(strategy, grid, config, 4)
     assert [m.metadata.dst_node_id for m in messages] == [first]
     # Round 4 trained the state's model with only the downloaded entries overwritten...
     expected = after_first.copy()
     expected[download.indices] = download.values
     np.testing.assert_array_equal(seen[3][0], expected)
-    assert not np.array_equal(seen[3][0], strategy.server.params)  # theta_d < 1: not the server's
+    assert not np.array_equal(seen[3][0], strategy._server.params)  # theta_d < 1: not the server's
     # ... and the state now holds the model after that step.
     np.testing.assert_array_equal(
         grid.contexts[first].state[STATE_PARAMS]["params"].numpy(), seen[3][1]
@@ -117,19 +122,19 @@ def test_the_next_step_starts_from_the_local_model_kept_in_state(scenario, monke
 
 def test_the_server_applies_accepted_uploads_additively_and_counts_stat(scenario):
     strategy, grid, config = _setup(scenario, **{"dssgd-schedule": "parallel"})
-    params = strategy.server.params.copy()
-    stat = np.zeros_like(strategy.server.stat)
+    params = _INITIAL[strategy]["params"].numpy().copy()
+    stat = np.zeros(params.shape, np.float64)
     for server_round in (1, 2):
         _, replies = _round(strategy, grid, config, server_round)
         assert len(replies) == 3
         for reply in replies:
             indices, values = _upload(reply)
-            assert len(indices) == upload_count(0.1, strategy.server.num_params)
+            assert len(indices) == upload_count(0.1, strategy.num_params)
             params[indices] += values
             stat[indices] += 1
-    np.testing.assert_allclose(strategy.server.params, params, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(strategy.server.stat, stat)
-    assert strategy.accepted == 6 and strategy.server.num_applied == 6
+    np.testing.assert_allclose(strategy._server.params, params, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(strategy._server.stat, stat)
+    assert strategy.accepted == 6 and strategy._server.num_applied == 6
 
 
 def test_round_robin_cycles_over_nodes_sorted_by_id_and_random_is_a_permutation(scenario):
@@ -276,7 +281,7 @@ def test_a_malformed_upload_is_rejected_naming_the_node(scenario, kind):
     strategy, grid, config = _setup(
         scenario, client_apps={1: _tampered(change)}, **{"dssgd-schedule": "parallel"}
     )
-    reference = ParameterServer(strategy.server.params)
+    reference = ParameterServer(_INITIAL[strategy]["params"].numpy())
     _, replies = _round(strategy, grid, config, 1)
     bad = grid.node_ids[1]
     assert len(strategy.rejected) == 1
@@ -287,9 +292,9 @@ def test_a_malformed_upload_is_rejected_naming_the_node(scenario, kind):
     for reply in good:
         indices, values = _upload(reply)
         reference.apply(SparseUpdate(indices, values))
-    np.testing.assert_array_equal(strategy.server.params, reference.params)
-    np.testing.assert_array_equal(strategy.server.stat, reference.stat)
-    assert strategy.accepted == 2 and bad not in strategy.node_to_client
+    np.testing.assert_array_equal(strategy._server.params, reference.params)
+    np.testing.assert_array_equal(strategy._server.stat, reference.stat)
+    assert strategy.accepted == 2 and bad not in strategy.node_clients
 
 
 def test_dp_uploads_beyond_gamma_or_without_privacy_cost_are_rejected(scenario):
@@ -310,19 +315,19 @@ def test_dp_uploads_beyond_gamma_or_without_privacy_cost_are_rejected(scenario):
 
 def test_a_reply_from_a_node_that_was_not_scheduled_is_dropped(scenario):
     strategy, grid, config = _setup(scenario)
-    messages = strategy.configure_train(1, ArrayRecord(), config, grid)
+    messages = strategy.configure_train(1, _INITIAL[strategy], config, grid)
     (reply,) = grid.send_and_receive(messages)
     strategy.aggregate_train(1, [reply, reply])  # the second copy: answered twice
     assert strategy.accepted == 1 and "answered twice" in str(strategy.rejected[0])
-    before = strategy.server.params.copy()
+    before = strategy._server.params.copy()
     strategy.aggregate_train(2, [reply])  # a replay in a later round
     assert "not scheduled" in str(strategy.rejected[-1])
-    np.testing.assert_array_equal(strategy.server.params, before)
+    np.testing.assert_array_equal(strategy._server.params, before)
 
 
 # --------------------------------------------------------------- client-side refusals
 def _task_message(strategy, grid, config, field=None, value=None, download=None):
-    (message,) = strategy.configure_train(1, ArrayRecord(), config, grid)
+    (message,) = strategy.configure_train(1, _INITIAL[strategy], config, grid)
     if field is not None:
         message.content["dssgd"][field] = value
     if download is not None:
@@ -339,10 +344,10 @@ def _download(indices, values):
 @pytest.mark.parametrize(
     ("field", "value", "download", "reason"),
     [
-        ("theta-u", 0.0, None, "theta-u=0 must lie in (0, 1]"),
+        ("theta-u", 0.0, None, "theta-u=0.0 must lie in (0, 1]"),
         ("theta-d", 1.5, None, "theta-d=1.5 must lie in (0, 1]"),
         ("num-params", 12, None, "elements exceed the maximum 12"),
-        ("num-params", 10**12, None, "num-params=1e+12 must be an integer"),
+        ("num-params", 10**12, None, "num-params=1000000000000 outside 1..50000000"),
         ("upload-mode", "everything", None, "unknown upload-mode"),
         ("dp-epsilon", -1.0, None, "dp-epsilon=-1.0 must be"),
         ("tau", float("nan"), None, "tau=nan"),
@@ -358,7 +363,7 @@ def test_the_participant_refuses_absurd_tasks_before_any_work(
     scenario, field, value, download, reason, tmp_path
 ):
     strategy, grid, config = _setup(scenario, 1)
-    n = strategy.server.num_params
+    n = _INITIAL[strategy]["params"].numpy().size
     m = fraction_count(0.99, n)  # a partial download: indices and values
     payload = None
     if download == "range":

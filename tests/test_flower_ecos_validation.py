@@ -1,5 +1,5 @@
 """Malformed or malicious ECOS replies are rejected with the node named; the round goes on with
-the others and strategy state only ever holds the good replies."""
+the others and the query tally only ever holds the good replies."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 from flower_helpers import tiny_scenario
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from ecos_flower.client.ecos import handle_ecos_query
 from ecos_flower.client_app import app as client_app
 from ecos_flower.data import load_federation
 from ecos_flower.ecos import compress, make_extractor
-from ecos_flower.flower.ecos_client import handle_ecos_query
-from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.flower.settings import client_config, merge_run_config
+from ecos_flower.strategy.ecos_query import QuerySettings, QueryTally, query_messages
 
 K = 6
 
@@ -77,45 +77,50 @@ def _round(setup, client_apps, monkeypatch, tmp_path):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     config, extractor, compression = setup
     grid = InProcessGrid(client_app, 3, client_apps=client_apps)
-    strategy = EcosStrategy(epsilon=1.0, delta=1e-5, threshold_multiple=0.0)
-    messages = strategy.configure_query(
-        1, compression.centroids, extractor, client_config(config), grid
+    tally = QueryTally(K, threshold_multiple=0.0)
+    messages = query_messages(
+        QuerySettings(epsilon=1.0, delta=1e-5),
+        compression.centroids,
+        extractor,
+        client_config(config),
+        grid.get_node_ids(),
     )
     replies = grid.send_and_receive(messages)
-    return strategy, grid, replies
+    return tally, grid, replies
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_a_malformed_reply_is_rejected_naming_the_node(kind, setup, monkeypatch, tmp_path):
     make_reply, expected = MALFORMED[kind]
-    strategy, grid, replies = _round(
+    tally, grid, replies = _round(
         setup, {1: lambda msg, ctx: make_reply(msg)}, monkeypatch, tmp_path
     )
-    aggregated = strategy.aggregate_query(1, replies, K)
+    tally.add(replies)
+    aggregated = tally.aggregate()
     bad_node = grid.node_ids[1]
-    assert len(strategy.rejected) == 1
-    error = strategy.rejected[0]
+    assert len(tally.rejected) == 1
+    error = tally.rejected[0]
     assert error.node_id == bad_node
     assert f"node {bad_node}" in str(error) and expected in str(error)
     # The round went on with the two good clients, and only their scores entered the state.
-    assert sorted(strategy.accepted_scores) == [grid.node_ids[0], grid.node_ids[2]]
-    expected_sum = np.clip(sum(strategy.accepted_scores.values()), 0.0, None)
+    assert sorted(tally.scores) == [grid.node_ids[0], grid.node_ids[2]]
+    expected_sum = np.clip(sum(tally.scores.values()), 0.0, None)
     np.testing.assert_allclose(aggregated, expected_sum)
-    assert bad_node not in strategy.sigmas and bad_node not in strategy.node_to_client
+    assert bad_node not in tally.sigmas and bad_node not in tally.node_to_client
 
 
 def test_a_second_answer_from_the_same_node_is_dropped(setup, monkeypatch, tmp_path):
-    strategy, grid, replies = _round(setup, {}, monkeypatch, tmp_path)
+    tally, grid, replies = _round(setup, {}, monkeypatch, tmp_path)
     replies = list(replies)
-    strategy.aggregate_query(1, replies + [replies[0]], K)
-    assert len(strategy.accepted_scores) == 3
-    assert len(strategy.rejected) == 1 and "answered twice" in str(strategy.rejected[0])
+    tally.add(replies + [replies[0]])
+    assert len(tally.scores) == 3
+    assert len(tally.rejected) == 1 and "answered twice" in str(tally.rejected[0])
     # Answering again in a later call of the same query is refused too, state unchanged.
-    before = {n: s.copy() for n, s in strategy.accepted_scores.items()}
-    strategy.aggregate_query(1, [replies[1]], K)
-    assert "already answered" in str(strategy.rejected[-1])
+    before = {n: s.copy() for n, s in tally.scores.items()}
+    tally.add([replies[1]])
+    assert "already answered" in str(tally.rejected[-1])
     for node, scores in before.items():
-        np.testing.assert_array_equal(strategy.accepted_scores[node], scores)
+        np.testing.assert_array_equal(tally.scores[node], scores)
 
 
 @pytest.mark.parametrize(
@@ -134,9 +139,8 @@ def test_the_client_refuses_absurd_queries_before_any_work(
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     config, extractor, compression = setup
     grid = InProcessGrid(client_app, 1)
-    strategy = EcosStrategy()
-    (message,) = strategy.configure_query(
-        1, compression.centroids, extractor, client_config(config), grid
+    (message,) = query_messages(
+        QuerySettings(), compression.centroids, extractor, client_config(config), grid.node_ids
     )
     message.content["ecos"][field] = value
     from ecos_flower.flower.inprocess import set_server_identity

@@ -47,24 +47,22 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ecos_flower.applications import KNN_MODES
+from ecos_flower.client import dssgd as dssgd_client
+from ecos_flower.client import ecos as ecos_client
+from ecos_flower.client.applications import check_knn_query, read_finetune_spec
+from ecos_flower.client.messages import ECOS_QUERY, FINETUNE_METHODS, QueryRejected, TaskRejected
+from ecos_flower.client.release import INTERNAL_FAILURE
 from ecos_flower.data import load_federation
 from ecos_flower.dssgd import flatten_params, upload_count
 from ecos_flower.ecos import compress, make_extractor
-from ecos_flower.flower import dssgd_client, ecos_client
-from ecos_flower.flower.application_client import (
-    FINETUNE_METHODS,
-    check_knn_query,
-    read_finetune_spec,
-)
 from ecos_flower.flower.applications import finetune_record
-from ecos_flower.flower.dssgd_client import TaskRejected, seeded_model
-from ecos_flower.flower.dssgd_strategy import DSSGDStrategy
-from ecos_flower.flower.ecos_client import QueryRejected
-from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.inprocess import InProcessGrid
-from ecos_flower.flower.release import INTERNAL_FAILURE
 from ecos_flower.flower.settings import client_config, merge_run_config
 from ecos_flower.flower.validation import InvalidReplyError, checked_numpy, float_vector
+from ecos_flower.models import seeded_model
+from ecos_flower.strategy import Dssgd
+from ecos_flower.strategy.ecos_query import QuerySettings, QueryTally, query_messages
+from ecos_flower.strategy.evaluation import EvaluationTally
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1000")),
@@ -239,14 +237,21 @@ def ecos_score_replies(draw):
     return RecordDict(content), None
 
 
-def _ecos_state(strategy: EcosStrategy) -> dict:
+def _ecos_state(tally: QueryTally) -> dict:
     return {
-        "scores": {n: s.tolist() for n, s in strategy.accepted_scores.items()},
-        "sigmas": dict(strategy.sigmas),
-        "spent": dict(strategy.epsilon_spent),
-        "clients": dict(strategy.node_to_client),
-        "refused": dict(strategy.refused),
-        "accuracy": dict(strategy.accuracy),
+        "scores": {n: s.tolist() for n, s in tally.scores.items()},
+        "sigmas": dict(tally.sigmas),
+        "spent": dict(tally.epsilon_spent),
+        "clients": dict(tally.node_to_client),
+        "refused": dict(tally.refused),
+    }
+
+
+def _evaluation_state(tally: EvaluationTally) -> dict:
+    return {
+        "accuracy": dict(tally.accuracy),
+        "clients": dict(tally.node_to_client),
+        "evaluated": set(tally.evaluated_nodes),
     }
 
 
@@ -254,17 +259,18 @@ def _ecos_state(strategy: EcosStrategy) -> dict:
 @given(case=ecos_score_replies())
 def test_fuzz_ecos_score_replies(case):
     content, valid = case
-    strategy = EcosStrategy(epsilon=1.0, delta=1e-5, threshold_multiple=0.0)
-    strategy.aggregate_query(1, [reply_from(GOOD, "query.ecos", _good_score_reply(GOOD))], K)
+    strategy = QueryTally(K, threshold_multiple=0.0)
+    strategy.add([reply_from(GOOD, "query.ecos", _good_score_reply(GOOD))])
     before = _ecos_state(strategy)
     rejected_before = len(strategy.rejected)
     reply = reply_from(BAD, "query.ecos", content)
     with captured_log() as lines:
-        aggregated = strategy.aggregate_query(1, [reply], K)  # must not raise
+        strategy.add([reply])  # must not raise
+        aggregated = strategy.aggregate()
     assert aggregated is not None and aggregated.shape == (K,)
     assert np.all(np.isfinite(aggregated)) and np.all(aggregated >= 0)
-    if BAD in strategy.accepted_scores:
-        scores = strategy.accepted_scores[BAD]
+    if BAD in strategy.scores:
+        scores = strategy.scores[BAD]
         assert scores.dtype == np.float64 and scores.shape == (K,)
         assert np.all(np.isfinite(scores)) and strategy.sigmas[BAD] > 0
         assert math.isfinite(strategy.epsilon_spent[strategy.node_to_client[BAD]])
@@ -305,19 +311,19 @@ def evaluation_replies(draw, extra_keys: tuple[str, ...] = ()):
 @given(case=evaluation_replies())
 def test_fuzz_ecos_evaluation_metrics(case):
     content, valid = case
-    strategy = EcosStrategy()
+    strategy = EvaluationTally()
     good = MetricRecord({"accuracy": 0.9, "partition-id": 0})
-    strategy.aggregate_evaluate(1, [reply_from(GOOD, "evaluate", RecordDict({"metrics": good}))])
-    before, rejected_before = _ecos_state(strategy), len(strategy.rejected)
+    strategy.add([reply_from(GOOD, "evaluate", RecordDict({"metrics": good}))])
+    before, rejected_before = _evaluation_state(strategy), len(strategy.rejected)
     with captured_log() as lines:
-        result = strategy.aggregate_evaluate(1, [reply_from(BAD, "evaluate", content)])
+        result = strategy.add([reply_from(BAD, "evaluate", content)])
     assert result is not None and 0.0 <= float(result["accuracy"]) <= 1.0
     if BAD in strategy.evaluated_nodes:
         assert valid is not False
         assert all(0.0 <= a <= 1.0 for a in strategy.accuracy.values())
         return
     assert valid is not True, f"a valid evaluation was rejected: {strategy.rejected[-1:]}"
-    assert _ecos_state(strategy) == before
+    assert _evaluation_state(strategy) == before
     assert len(strategy.rejected) == rejected_before + 1
     assert strategy.rejected[-1].node_id == BAD and _names(lines, BAD)
 
@@ -326,11 +332,15 @@ def test_fuzz_ecos_evaluation_metrics(case):
 NUM_PARAMS, GAMMA = 200, 0.001
 
 
-def _dssgd_strategy() -> DSSGDStrategy:
+def _dssgd_strategy() -> Dssgd:
+    """A DP Dssgd after round 1's configure_train (its parameter server built) on 3 nodes."""
     initial = np.linspace(-1, 1, NUM_PARAMS).astype(np.float32)
-    return DSSGDStrategy(
-        initial, theta_u=0.05, schedule="parallel", gamma=GAMMA, tau=0.0001, dp_epsilon=1.0
+    strategy = Dssgd(
+        theta_u=0.05, schedule="parallel", gamma=GAMMA, tau=0.0001, dp_epsilon=1.0, num_classes=10
     )
+    arrays = ArrayRecord({"params": Array(initial)})
+    strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(lambda m, c: m, 3))
+    return strategy
 
 
 MAX_UP = upload_count(0.05, NUM_PARAMS)
@@ -397,20 +407,20 @@ def dssgd_uploads(draw):
     return content, None
 
 
-def _dssgd_state(strategy: DSSGDStrategy) -> dict:
+def _dssgd_state(strategy: Dssgd) -> dict:
     return {
-        "params": strategy.server.params.tobytes(),
-        "stat": strategy.server.stat.tobytes(),
-        "applied": strategy.server.num_applied,
+        "params": strategy._server.params.tobytes(),
+        "stat": strategy._server.stat.tobytes(),
+        "applied": strategy._server.num_applied,
         "accepted": strategy.accepted,
-        "clients": dict(strategy.node_to_client),
-        "per-client": dict(strategy.accepted_per_client),
-        "spent": dict(strategy.epsilon_spent),
-        "ledger-delta": dict(strategy.ledger_delta),
-        "run": dict(strategy.epsilon_run),
-        "refused": dict(strategy.refused),
-        "accuracy": dict(strategy.accuracy),
-        "server-accuracy": dict(strategy.server_accuracy),
+        "clients": strategy.node_clients,
+        "per-client": dict(strategy._accepted_per_client),
+        "spent": dict(strategy._epsilon_spent),
+        "ledger-delta": dict(strategy._ledger_delta),
+        "run": dict(strategy._epsilon_run),
+        "refused": strategy.refused,
+        "accuracy": dict(strategy._accuracy),
+        "server-accuracy": dict(strategy._server_accuracy),
     }
 
 
@@ -421,7 +431,7 @@ def test_fuzz_dssgd_sparse_uploads(case):
     strategy = _dssgd_strategy()
     strategy._scheduled = {BAD}
     before, rejected_before = _dssgd_state(strategy), len(strategy.rejected)
-    params_before = strategy.server.params.copy()
+    params_before = strategy._server.params.copy()
     with captured_log() as lines:
         arrays, metrics = strategy.aggregate_train(1, [reply_from(BAD, "train.dssgd", content)])
     assert arrays is not None and metrics is not None
@@ -433,7 +443,7 @@ def test_fuzz_dssgd_sparse_uploads(case):
         assert np.all(np.abs(values) <= GAMMA * (1 + 1e-6))
         expected = params_before.copy()
         expected[indices] += values
-        np.testing.assert_array_equal(strategy.server.params, expected)
+        np.testing.assert_array_equal(strategy._server.params, expected)
         return
     assert valid is not True, f"a valid upload was rejected: {strategy.rejected[-1:]}"
     after = _dssgd_state(strategy)
@@ -454,9 +464,9 @@ def test_fuzz_dssgd_evaluation_metrics(case):
     before, rejected_before = _dssgd_state(strategy), len(strategy.rejected)
     with captured_log() as lines:
         strategy.aggregate_evaluate(1, [reply_from(BAD, "evaluate.dssgd", content)])
-    if BAD in strategy.evaluated_nodes:
+    if BAD in strategy.node_clients:  # its evaluation was accepted
         assert valid is not False
-        assert all(0.0 <= a <= 1.0 for a in strategy.server_accuracy.values())
+        assert all(0.0 <= a <= 1.0 for a in strategy._server_accuracy.values())
         return
     assert valid is not True, f"a valid evaluation was rejected: {strategy.rejected[-1:]}"
     assert _dssgd_state(strategy) == before
@@ -473,8 +483,8 @@ def ecos_setup(tmp_path_factory):
     extractor = make_extractor("pca", n_components=8).fit(federation.pool.images)
     compression = compress(extractor.transform(federation.pool.images), K, seed=0)
     grid = InProcessGrid(lambda m, c: m, 1)
-    (message,) = EcosStrategy().configure_query(
-        1, compression.centroids, extractor, client_config(config), grid
+    (message,) = query_messages(
+        QuerySettings(), compression.centroids, extractor, client_config(config), grid.node_ids
     )
     return message, folder
 
@@ -560,7 +570,7 @@ def test_fuzz_ecos_client_query_checks(ecos_setup, data, tmp_path_factory, monke
         if not isinstance(content.get("centroids"), ArrayRecord):
             raise QueryRejected("no centroids")
         message = server_message(BAD, "query.ecos", content)
-        centroids = ecos_client.read_centroids(message, query, {})
+        centroids = ecos_client.read_centroids(message, ECOS_QUERY.parse(query, {}))
     except QueryRejected as exc:
         assert str(exc)
         return
@@ -681,8 +691,7 @@ def dssgd_setup(tmp_path_factory):
     )
     federation = load_federation(scenario, num_clients=3)
     model = seeded_model("paper-mlp", 0, federation.num_classes, 1, 8)
-    strategy = DSSGDStrategy(
-        flatten_params(model),
+    strategy = Dssgd(
         theta_u=0.1,
         theta_d=0.5,
         schedule="parallel",
@@ -692,9 +701,10 @@ def dssgd_setup(tmp_path_factory):
         num_classes=federation.num_classes,
     )
     grid = InProcessGrid(lambda m, c: m, 1)
-    (train,) = strategy.configure_train(1, ArrayRecord(), client_config(config), grid)
+    initial = ArrayRecord({"params": Array(flatten_params(model))})
+    (train,) = strategy.configure_train(1, initial, client_config(config), grid)
     (evaluate,) = strategy.configure_evaluate(1, ArrayRecord(), client_config(config), grid)
-    return train, evaluate, strategy.server.num_params, folder
+    return train, evaluate, strategy.num_params, folder
 
 
 TASK_FIELDS = [

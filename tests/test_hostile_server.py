@@ -21,21 +21,16 @@ import torch
 from flower_helpers import run_tiny, tiny_scenario
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-import ecos_flower.client_app as client_app_module
-import ecos_flower.flower.application_client as application_client
-import ecos_flower.flower.baseline_client as baseline_client
-import ecos_flower.flower.dssgd_client as dssgd_client
-import ecos_flower.flower.ecos_client as ecos_client
+from ecos_flower.client.data import client_shard
+from ecos_flower.client.release import INTERNAL_FAILURE
 from ecos_flower.client_app import app as client_app
+from ecos_flower.client_app import make_client_app
 from ecos_flower.data import ImageSet
 from ecos_flower.data.federation import ClientShard
-from ecos_flower.flower.client_data import client_shard
 from ecos_flower.flower.inprocess import InProcessGrid, wire_copy
-from ecos_flower.flower.release import INTERNAL_FAILURE
 from ecos_flower.privacy.ledger import NodeLedger
 from ecos_flower.privacy.policy import MECHANISMS
 
-SHARD_USERS = (ecos_client, application_client, dssgd_client, baseline_client, client_app_module)
 DSSGD_DP = {
     "method": "dssgd",
     "model": "paper-mlp",
@@ -247,11 +242,11 @@ def _neighbours(scenario, craft=None) -> tuple[ClientShard, ClientShard]:
 
 
 def _run_on(shard: ClientShard, msg: Message, context: Context, monkeypatch, pre=()) -> Message:
-    for module in SHARD_USERS:
-        monkeypatch.setattr(module, "client_shard", lambda config, node_config: shard)
+    """`msg` (after `pre`) through the project's ClientApp, every handler reading `shard`."""
+    app = make_client_app(load_data=lambda config, node_config: shard)
     for earlier in pre:
-        assert refusal_of(deliver(earlier, context)) is None
-    return deliver(msg, context)
+        assert refusal_of(app(wire_copy(earlier), context)) is None
+    return app(wire_copy(msg), context)
 
 
 def _same_behaviour(world, tmp_path, monkeypatch, msg, craft=None, pre=(), **node) -> tuple:

@@ -26,6 +26,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,10 @@ from ecos_flower.applications.linear_head import usable_labels, usable_samples
 from ecos_flower.models import batched_apply
 from ecos_flower.privacy import _opacus  # noqa: F401  (imports Opacus without its logging side effect)
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
+
+if TYPE_CHECKING:  # annotations only: `make_private_head` imports Opacus where it runs
+    from opacus import GradSampleModule, PrivacyEngine
+    from opacus.optimizers import DPOptimizer
 
 # Raw feature rows with an entry above this are dropped (per sample, data-independent bound) so
 # that logits and per-sample gradients of a float32 head stay finite: a NaN gradient would pass
@@ -90,7 +95,7 @@ def make_private_head(
     learning_rate: float,
     seed: int,
     normaliser: float | None = None,
-):  # noqa: ANN201 - (PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader)
+) -> tuple[PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader]:
     """Opacus' PrivacyEngine around `head` with full-batch steps (q = 1): per-sample gradients
     clipped to `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm, drawn
     from a generator seeded with the caller's `seed` (required: privacy noise has no default),
@@ -129,7 +134,7 @@ def make_private_head(
     return engine, module, optimiser, loader
 
 
-def full_batch(loader: DataLoader, num_samples: int):  # noqa: ANN201 - (x, y) or None
+def full_batch(loader: DataLoader, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The one full batch of `loader`, or None when there are no samples (see `private_step`)."""
     if num_samples == 0:
         return None
@@ -137,7 +142,12 @@ def full_batch(loader: DataLoader, num_samples: int):  # noqa: ANN201 - (x, y) o
     return x, y
 
 
-def private_step(module: nn.Module, optimiser, batch, loss_fn: nn.Module) -> bool:  # noqa: ANN001
+def private_step(
+    module: nn.Module,
+    optimiser: DPOptimizer,
+    batch: tuple[torch.Tensor, torch.Tensor] | None,
+    loss_fn: nn.Module,
+) -> bool:
     """Per-sample gradients of `batch`, then Opacus' clip, noise and division by the
     normaliser (`pre_step`);
     True when the noisy gradient is in `.grad`. `batch=None` (no samples): the per-sample

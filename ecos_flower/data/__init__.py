@@ -6,7 +6,6 @@ from .federation import (
     ClientShard,
     Federation,
     build_federation,
-    clear_federation_cache,
     load_domains,
     load_federation,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "build_federation",
-    "clear_federation_cache",
     "dirichlet_partition",
     "embedded_digits",
     "iid_partition",

@@ -174,8 +174,3 @@ def load_federation(
             scenario = dataclasses.replace(scenario, num_clients=int(num_clients))
         _CACHE[key] = build_federation(scenario)
     return _CACHE[key]
-
-
-def clear_federation_cache() -> None:
-    """Forget every cached federation (tests, or after data files changed in place)."""
-    _CACHE.clear()

@@ -1,5 +1,4 @@
-"""DSSGD (Shokri & Shmatikov 2015): pure algorithms (no Flower) shared by the simulation and the
-apps."""
+"""DSSGD (Shokri & Shmatikov 2015): pure algorithms (no Flower), shared by simulation and apps."""
 
 from ecos_flower.dssgd.participant import (
     apply_download,

@@ -1,5 +1,7 @@
-"""One DSSGD participant step: download, local SGD, select/clip (or SVT), upload; flat-parameter
-helpers."""
+"""One DSSGD participant step: download, local SGD, select/clip (or SVT), upload.
+
+Also the flat-parameter helpers: a model's trainable parameters as one vector, and back.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def local_step(
     *,
     epochs: int = 1,
     batch_size: int = 32,
-    lr: float = 0.05,
+    learning_rate: float = 0.05,
     momentum: float = 0.9,
     seed: int = 0,
     theta_u: float = 0.1,
@@ -94,7 +96,7 @@ def local_step(
         labels,
         epochs=epochs,
         batch_size=batch_size,
-        learning_rate=lr,
+        learning_rate=learning_rate,
         momentum=momentum,
         seed=seed,
         device=device,

@@ -1,5 +1,7 @@
-"""Non-private upload selection: the theta_u fraction of a local update, and clipping to [-gamma,
-gamma]."""
+"""Non-private DSSGD upload selection and clipping.
+
+The selections pick the theta_u fraction of a local update; `clip` bounds values to [-gamma, gamma].
+"""
 
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ __all__ = ["clip", "fraction_count", "select_largest", "select_threshold", "uplo
 
 
 def upload_count(theta_u: float, size: int) -> int:
-    """Number of entries to upload: ceil(theta_u * size), at least 1 if theta_u > 0, at most
-    size."""
+    """Entries to upload: ceil(theta_u * size), at least 1 if theta_u > 0, at most size."""
     return fraction_count(theta_u, size)
 
 
@@ -27,8 +28,7 @@ def clip(values: np.ndarray, gamma: float | None) -> np.ndarray:
 
 
 def select_largest(delta: np.ndarray, theta_u: float) -> SparseUpdate:
-    """The upload_count(theta_u) entries with the largest |delta| (ties: smaller index), sorted by
-    index."""
+    """The upload_count(theta_u) entries of largest |delta| (ties: lower index), sorted by index."""
     delta = np.asarray(delta, dtype=np.float32)
     count = upload_count(theta_u, delta.shape[0])
     if count == 0:
@@ -48,8 +48,7 @@ def select_largest(delta: np.ndarray, theta_u: float) -> SparseUpdate:
 def select_threshold(
     delta: np.ndarray, theta_u: float, tau: float, rng: np.random.Generator
 ) -> SparseUpdate:
-    """Up to upload_count(theta_u) entries chosen uniformly at random among those with |delta| >
-    tau."""
+    """Up to upload_count(theta_u) entries, uniformly at random among those with |delta| > tau."""
     delta = np.asarray(delta, dtype=np.float32)
     count = upload_count(theta_u, delta.shape[0])
     candidates = np.flatnonzero(np.abs(delta) > tau)

@@ -1,5 +1,4 @@
-"""The DSSGD parameter server: global parameters, per-parameter update counters, top-theta_d
-download."""
+"""DSSGD parameter server: global parameters, per-parameter update counts, top-theta_d download."""
 
 from __future__ import annotations
 
@@ -11,8 +10,10 @@ from ecos_flower.dssgd.sparse import SparseUpdate, validate_sparse_update
 
 
 def fraction_count(fraction: float, size: int) -> int:
-    """ceil(fraction * size), at least 1 when fraction > 0, at most `size` (shared by up- and
-    download)."""
+    """ceil(fraction * size), at least 1 when fraction > 0, at most `size`.
+
+    Shared by the upload (theta_u) and the download (theta_d) counts.
+    """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     if fraction == 0.0 or size == 0:
@@ -25,12 +26,9 @@ class ParameterServer:
     """Global parameters w_g and counters stat_j (how often parameter j was updated).
 
     `apply` adds an uploaded sparse update; `download(theta_d)` returns the theta_d fraction of
-    parameters
-    with the largest counters (ties broken by smaller index, so it is deterministic). With `beta`
-    and
-    `decay_every > 0`, the counters are multiplied by beta after every `decay_every` applied
-    updates so that
-    recent updates count more.
+    parameters with the largest counters (ties broken by smaller index, so it is deterministic).
+    With `beta` and `decay_every > 0`, the counters are multiplied by beta after every
+    `decay_every` applied updates so that recent updates count more.
     """
 
     def __init__(
@@ -54,8 +52,7 @@ class ParameterServer:
         return int(self.params.shape[0])
 
     def apply(self, update: SparseUpdate) -> None:
-        """w_g[j] += value and stat_j += 1 for each entry; the update is validated before any
-        change."""
+        """w_g[j] += value and stat_j += 1 per entry; the update is validated before any change."""
         checked = validate_sparse_update(update.indices, update.values, self.num_params)
         self.params[checked.indices] += checked.values
         self.stat[checked.indices] += 1.0
@@ -65,8 +62,7 @@ class ParameterServer:
             self.stat *= self.beta
 
     def download(self, theta_d: float = 1.0) -> SparseUpdate:
-        """The theta_d fraction of parameters with the largest stat (values are w_g), sorted by
-        index."""
+        """The theta_d fraction of parameters of largest stat (values: w_g), sorted by index."""
         count = fraction_count(theta_d, self.num_params)
         if count >= self.num_params:
             idx = np.arange(self.num_params, dtype=np.int64)
@@ -77,8 +73,7 @@ class ParameterServer:
         return SparseUpdate(idx, self.params[idx].copy())
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: copies of params and stat, beta, decay_every,
-        num_applied."""
+        """What resuming needs: copies of params and stat, beta, decay_every, num_applied."""
         return {
             "params": self.params.copy(),
             "stat": self.stat.copy(),

@@ -1,5 +1,4 @@
-"""Sparse parameter updates (index, value pairs): the only thing DSSGD participants and the server
-exchange."""
+"""Sparse parameter updates (index, value pairs): all DSSGD participants and the server exchange."""
 
 from __future__ import annotations
 
@@ -9,14 +8,12 @@ import numpy as np
 
 
 class InvalidUpdateError(ValueError):
-    """A sparse update that the server must refuse (bad dtype, shape, range, duplicates, NaN, too
-    many)."""
+    """An update the server must refuse: bad dtype, shape or range, duplicates, NaN, too many."""
 
 
 @dataclass(frozen=True)
 class SparseUpdate:
-    """Entries `indices` (int64, distinct) of a flat parameter vector with their `values`
-    (float32)."""
+    """Entries `indices` (int64, distinct) of a flat parameter vector with `values` (float32)."""
 
     indices: np.ndarray
     values: np.ndarray
@@ -44,14 +41,12 @@ class SparseUpdate:
 def validate_sparse_update(
     indices: np.ndarray, values: np.ndarray, num_params: int, max_count: int | None = None
 ) -> SparseUpdate:
-    """Check an untrusted (indices, values) pair and return a fresh `SparseUpdate` (copies, never
-    mutates).
+    """Check an untrusted (indices, values) pair and return a fresh `SparseUpdate` (copies).
 
-    Raises `InvalidUpdateError` naming the reason: non-integer indices or non-floating values,
-    arrays that
-    are not 1-D or differ in length, an index outside [0, num_params), duplicate indices, a
-    non-finite value,
-    or more than `max_count` entries (None: at most `num_params`).
+    The inputs are never mutated. Raises `InvalidUpdateError` naming the reason: non-integer
+    indices or non-floating values, arrays that are not 1-D or differ in length, an index outside
+    [0, num_params), duplicate indices, a non-finite value, or more than `max_count` entries (None:
+    at most `num_params`).
     """
     indices = np.asarray(indices)
     values = np.asarray(values)

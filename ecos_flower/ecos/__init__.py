@@ -26,7 +26,6 @@ from ecos_flower.ecos.samplers import (
     KCenterSampler,
     OracleSampler,
     RandomSampler,
-    Sampler,
     domain_precision,
 )
 from ecos_flower.ecos.scoring import SCORE_MODES, coverage_scores, score_sensitivity
@@ -44,7 +43,6 @@ __all__ = [
     "PCAExtractor",
     "RandomCNNExtractor",
     "RandomSampler",
-    "Sampler",
     "SupervisedCNNExtractor",
     "TorchvisionExtractor",
     "aggregate_noise_std",

@@ -7,7 +7,6 @@ pool, and InDomain (uniform from the clients' own domain: the domain-precision u
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
 
 import numpy as np
 
@@ -16,14 +15,6 @@ from ecos_flower.ecos.compress import Compression, check_features
 from ecos_flower.ecos.kcenter import greedy_k_center
 
 WITHIN_CLUSTER = ("kcenter", "random")
-
-
-class Sampler(Protocol):
-    """Anything that picks `budget` distinct pool indices."""
-
-    def select(self, budget: int) -> np.ndarray:
-        """Distinct pool indices (int64), min(budget, pool size) of them."""
-        ...
 
 
 def _check_budget(budget: int) -> int:

@@ -18,7 +18,6 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore import log
 
 from ecos_flower.data import load_federation
-from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.fedavg import RecordingFedAvg, run_fedavg_with
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
@@ -31,21 +30,9 @@ from ecos_flower.flower.validation import (
 )
 from ecos_flower.models import build_model, train_epochs
 from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon, analytic_gaussian_sigma
+from ecos_flower.strategy.evaluation import evaluate_round
 
 DP_FEDAVG_TRAIN = "train.dpfedavg"
-
-
-def _evaluate_everywhere(
-    strategy: EcosStrategy, grid: MeteredGrid, model: torch.nn.Module, config: dict[str, Any]
-) -> None:
-    messages = strategy.configure_evaluate(
-        1, ArrayRecord(model.state_dict()), client_config(config), grid
-    )
-    strategy.aggregate_evaluate(
-        1, grid.send_and_receive(messages, timeout=float(config["timeout"]))
-    )
-    if not strategy.accuracy:
-        raise RuntimeError(no_results_message({e.node_id: e.problem for e in strategy.rejected}))
 
 
 def run_local(grid: Grid, config: dict[str, Any]) -> RunReport:
@@ -62,10 +49,8 @@ def run_local(grid: Grid, config: dict[str, Any]) -> RunReport:
     messages = [
         Message(content, node, "train.local", group_id="1") for node in metered.get_node_ids()
     ]
-    replies, _ = first_reply_per_node(
-        metered.send_and_receive(messages, timeout=float(config["timeout"]))
-    )
-    report = RunReport(method="local", seed=int(config["seed"]), scenario=str(config["scenario"]))
+    replies, _ = first_reply_per_node(metered.send_and_receive(messages, timeout=config["timeout"]))
+    report = RunReport(method="local", seed=config["seed"], scenario=config["scenario"])
     node_to_client, errors = {}, {}
     for reply in replies:
         try:
@@ -96,9 +81,7 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
     messages = [
         Message(content, node, "query.upload", group_id="1") for node in metered.get_node_ids()
     ]
-    replies, _ = first_reply_per_node(
-        metered.send_and_receive(messages, timeout=float(config["timeout"]))
-    )
+    replies, _ = first_reply_per_node(metered.send_and_receive(messages, timeout=config["timeout"]))
     images, labels = [], []
     for reply in replies:
         try:
@@ -119,29 +102,33 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
         num_clients=config.get("num-clients"),
     )
     model = build_model(
-        str(config["model"]),
+        config["model"],
         federation.num_classes,
         pooled_x.shape[1],
         pooled_x.shape[-1],
-        seed=int(config["seed"]),
+        seed=config["seed"],
     )
     train_epochs(
         model,
         pooled_x,
         pooled_y,
-        epochs=int(config["cloud-epochs"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
-        seed=int(config["seed"]),
-        device=str(config["device"]),
+        epochs=config["cloud-epochs"],
+        batch_size=config["batch-size"],
+        learning_rate=config["learning-rate"],
+        seed=config["seed"],
+        device=config["device"],
     )
-    strategy = EcosStrategy(noise=False)
-    _evaluate_everywhere(strategy, metered, model, config)
-    report = RunReport(
-        method="centralized", seed=int(config["seed"]), scenario=str(config["scenario"])
+    evaluation = evaluate_round(
+        metered,
+        ArrayRecord(model.state_dict()),
+        client_config(config),
+        timeout=config["timeout"],
     )
-    report.accuracy_per_client = dict(strategy.accuracy)
-    report.add_traffic(metered, strategy.node_to_client)
+    if not evaluation.accuracy:
+        raise RuntimeError(no_results_message({e.node_id: e.problem for e in evaluation.rejected}))
+    report = RunReport(method="centralized", seed=config["seed"], scenario=config["scenario"])
+    report.accuracy_per_client = dict(evaluation.accuracy)
+    report.add_traffic(metered, evaluation.node_to_client)
     report.wall_s = time.time() - start
     report.extra = {"pooled-samples": int(len(pooled_y))}
     report.settings = {
@@ -157,7 +144,9 @@ class DpFedAvgInner(RecordingFedAvg):
     average; a node claiming a large weight would move it beyond its share and spend more
     privacy than reported)."""
 
-    def _construct_messages(self, record, node_ids, message_type):  # noqa: ANN001, ANN202
+    def _construct_messages(
+        self, record: RecordDict, node_ids: list[int], message_type: str
+    ) -> Iterable[Message]:
         if message_type == "train":
             message_type = DP_FEDAVG_TRAIN
         return super()._construct_messages(record, node_ids, message_type)
@@ -190,14 +179,14 @@ def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     the weight 1, so the average is unweighted, as the noise calibration (clipping norm over the
     number of clients) assumes. Client-level epsilon from the exact composition of the per-round
     Gaussian releases (noise multiplier z each round: together one of z / sqrt(R))."""
-    rounds = int(config["num-server-rounds"])
-    z = float(config["dp-noise-multiplier"])
-    if float(config["dp-target-epsilon"]) > 0:
+    rounds = config["num-server-rounds"]
+    z = config["dp-noise-multiplier"]
+    if config["dp-target-epsilon"] > 0:
         # R Gaussian releases with multiplier z compose exactly into one with z / sqrt(R):
         # calibrate that one to the target with the analytic Gaussian mechanism.
-        z = analytic_gaussian_sigma(
-            float(config["dp-target-epsilon"]), float(config["delta"])
-        ) * math.sqrt(rounds)
+        z = analytic_gaussian_sigma(config["dp-target-epsilon"], config["delta"]) * math.sqrt(
+            rounds
+        )
     num_nodes = len(list(grid.get_node_ids()))
     inner = DpFedAvgInner(
         fraction_train=1.0,
@@ -208,17 +197,17 @@ def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     strategy = DifferentialPrivacyClientSideFixedClipping(
         inner,
         noise_multiplier=z,
-        clipping_norm=float(config["dp-clipping-norm"]),
+        clipping_norm=config["dp-clipping-norm"],
         num_sampled_clients=num_nodes,
     )
     report = run_fedavg_with(grid, config, strategy, inner, method="dp-fedavg")
-    epsilon = analytic_gaussian_epsilon(z / math.sqrt(rounds), float(config["delta"]))
+    epsilon = analytic_gaussian_epsilon(z / math.sqrt(rounds), config["delta"])
     report.epsilon_per_client = dict.fromkeys(report.accuracy_per_client, epsilon)
     report.extra["privacy-unit"] = (
         "one whole client (central DP, trusted aggregator adds the noise)"
     )
-    report.delta = float(config["delta"])
+    report.delta = config["delta"]
     report.settings.update(
-        {"dp-noise-multiplier": z, "dp-clipping-norm": float(config["dp-clipping-norm"])}
+        {"dp-noise-multiplier": z, "dp-clipping-norm": config["dp-clipping-norm"]}
     )
     return report

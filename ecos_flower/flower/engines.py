@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.settings import merge_run_config
 
 ENGINES = ("ray", "in-process")
 
@@ -20,19 +21,21 @@ def ray_backend_config() -> dict[str, Any]:
 
 
 def run_once(config: dict[str, Any], num_clients: int, engine: str = "ray") -> RunReport:
-    """One run of the configured method; returns its report (raises if the run produced none)."""
+    """One run of the configured method; returns its report (raises if the run produced none).
+    `config` is validated here (an unknown key or a bad value raises before anything starts)."""
     from ecos_flower.client_app import app as client_app
     from ecos_flower.flower.inprocess import InProcessGrid, run_in_process
     from ecos_flower.server_app import make_server_app
 
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    config = merge_run_config(config)
     reports: list[RunReport] = []
     server_app = make_server_app(config, on_report=reports.append)
     if engine == "in-process":
         # Each node gets a private noise seed derived from the run's seed, so an in-process
         # experiment repeats exactly (Ray's simulated nodes draw fresh OS entropy).
-        seed = int(config.get("seed", 0))
+        seed = config["seed"]
         node_configs = {i: {"noise-seed": 1_000_003 * seed + i} for i in range(num_clients)}
         grid = InProcessGrid(client_app, num_clients, node_configs=node_configs)
         run_in_process(server_app, grid)

@@ -67,7 +67,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Run FedAvg for `num-server-rounds` rounds and report per-client test accuracy and bytes."""
     num_nodes = len(list(grid.get_node_ids()))
     strategy = RecordingFedAvg(
-        fraction_train=float(config["fraction-train"]),
+        fraction_train=config["fraction-train"],
         min_train_nodes=1,
         min_evaluate_nodes=num_nodes,
         min_available_nodes=num_nodes,
@@ -88,22 +88,22 @@ def run_fedavg_with(
     metered = MeteredGrid(grid)
     images = federation.pool.images
     model = build_model(
-        str(config["model"]),
+        config["model"],
         federation.num_classes,
         images.shape[1],
         images.shape[-1],
-        seed=int(config["seed"]),
+        seed=config["seed"],
     )
     strategy.start(
         grid=metered,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(config["num-server-rounds"]),
+        num_rounds=config["num-server-rounds"],
         train_config=client_config(config),
         evaluate_config=client_config(config),
     )
     if not recorder.last_evaluation:
         raise RuntimeError(no_results_message(recorder.errors))
-    report = RunReport(method=method, seed=int(config["seed"]), scenario=str(config["scenario"]))
+    report = RunReport(method=method, seed=config["seed"], scenario=config["scenario"])
     node_to_client = {}
     for node_id, metrics in recorder.last_evaluation.items():
         client = int(metrics["partition-id"])

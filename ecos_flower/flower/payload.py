@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
 
 
 def payload_bytes(message: Message) -> int:
@@ -40,11 +41,11 @@ class MeteredGrid(Grid):
         self.messages_up: dict[int, int] = defaultdict(int)
         self.compute_seconds: dict[int, float] = defaultdict(float)
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+    def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201 - Flower's Run
+    def run(self) -> Run:
         return self._grid.run
 
     def create_message(

@@ -1,93 +1,70 @@
-"""The server loop of the sampling methods: ECOS and its baselines select a proxy set from the
+"""The server run of the sampling methods: ECOS and its baselines select a proxy set from the
 public pool, the cloud trains the task model on it, and every client evaluates that model.
 
-Only the public pool is read on the server; clients' shards are touched only by their ClientApps.
+The protocol is `ecos_flower.strategy.Ecos.start()`; this module builds the strategy from the run
+config and turns its Result into the run's report. Random, K-Center and In-domain are `Ecos` with
+a `selector` (they share every step after selection; only the selection skips the query) and the
+oracle is `Ecos(noise=False)`. Only the public pool is read on the server; clients' shards are
+touched only by their ClientApps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from logging import INFO
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from ecos_flower.data import Federation, load_federation
 from ecos_flower.ecos import (
-    EcosSampler,
     InDomainSampler,
     KCenterSampler,
     RandomSampler,
     cached_features,
-    compress,
     domain_precision,
-    make_extractor,
 )
 from ecos_flower.flower.applications import (
     APPLICATION_FUNCTIONS,
-    evaluate_model,
+    finetune_enabled,
+    finetune_record,
+    public_feature_scale_of,
 )
-from ecos_flower.flower.ecos_strategy import EcosStrategy
 from ecos_flower.flower.payload import MeteredGrid
-from ecos_flower.flower.report import RunReport, no_results_message
+from ecos_flower.flower.report import RunReport
+from ecos_flower.flower.selection import SelectionContext, build_extractor, task_model
 from ecos_flower.flower.settings import client_config
-from ecos_flower.flower.validation import drop_events, too_few_message
-from ecos_flower.models import build_model, train_epochs
+from ecos_flower.flower.timing import PhaseTimer
+from ecos_flower.models import train_epochs
+from ecos_flower.strategy.ecos import Ecos, EcosResult, per_client
+from ecos_flower.strategy.ecos_query import ExtractorDelivery
 
 SAMPLING_METHODS = ("ecos", "oracle", "random", "kcenter", "in-domain")
 
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase, for the report."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        log(INFO, "[%s] ...", name)
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        log(INFO, "[%s] %.2f s", name, self.seconds[name])
-
-
-def build_extractor(config: dict[str, Any], federation: Federation):  # noqa: ANN201
-    """The server's feature map phi, fitted on the labelled public pool (no privacy cost)."""
-    kind = str(config["extractor"])
-    seed, device = int(config["seed"]), str(config["device"])
-    if kind == "supervised":
-        extractor = make_extractor(
-            kind, epochs=int(config["extractor-epochs"]), seed=seed, device=device
-        )
-    elif kind == "random":
-        extractor = make_extractor(kind, seed=seed, device=device)
-    elif kind == "pca":
-        extractor = make_extractor(kind, n_components=int(config["pca-components"]), seed=seed)
-    else:
-        raise ValueError(
-            f"extractor {kind!r} is not available from the run config; "
-            "choose supervised, random or pca"
-        )
-    pool = federation.pool
-    return extractor.fit(pool.images, pool.labels)
+__all__ = [
+    "APPLICATIONS",
+    "SAMPLING_METHODS",
+    "PhaseTimer",
+    "SelectionContext",
+    "build_extractor",
+    "run_sampling",
+    "train_on_selection",
+    "use_selection",
+]
 
 
 def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Select `budget` pool samples with the configured method, train in the cloud, evaluate."""
-    method = str(config["method"])
+    method = config["method"]
     if method not in SAMPLING_METHODS:
         raise ValueError(f"{method!r} is not a sampling method ({', '.join(SAMPLING_METHODS)})")
     start, timer = time.time(), PhaseTimer()
-    seed, budget = int(config["seed"]), int(config["budget"])
+    seed = config["seed"]
     federation = load_federation(
         config["scenario"],
         data_root=config["data-root"] or None,
@@ -95,122 +72,140 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     )
     pool = federation.pool
     metered = MeteredGrid(grid)
-    strategy = EcosStrategy(
-        epsilon=float(config["epsilon"]),
-        delta=float(config["delta"]),
-        noise=method == "ecos",
-        score_mode=str(config["score-mode"]),
-        radius=float(config["radius"]) if config["score-mode"] == "radius" else None,
-        max_per_sample=int(config["max-per-sample"]),
-        threshold_multiple=float(config["threshold-multiple"]),
-    )
-    strategy.summary()
-    extra: dict[str, Any] = {}
-    # Rounds go on with the clients that answer (others crash, time out or disconnect) as long
-    # as at least `min-clients` do; `dropped` names who dropped out, when and why.
-    min_clients = int(config.get("min-clients", 1))
-    dropped: list[dict[str, Any]] = []
-    extra["dropped"] = dropped
     cache = Path(config["feature-cache"]) if config["feature-cache"] else None
-    features: np.ndarray | None = None
-    extractor = None
+    features, extractor = None, None
     if method in ("ecos", "oracle", "kcenter"):
         with timer("extractor"):
             extractor = build_extractor(config, federation)
         with timer("pool-features"):
             features = cached_features(extractor, pool.images, cache, key="pool", progress=True)
-    if method in ("ecos", "oracle"):
-        k = int(config["num-centroids"])
-        with timer("compress"):
-            compression = compress(features, k, seed=seed)
-        with timer("query"):
-            messages = strategy.configure_query(
-                1, compression.centroids, extractor, client_config(config), metered
-            )
-            replies = metered.send_and_receive(messages, timeout=float(config["timeout"]))
-            aggregated = strategy.aggregate_query(1, replies, k)
-        dropped += drop_events(
-            "query",
-            1,
-            [m.metadata.dst_node_id for m in messages],
-            set(strategy.accepted_scores) | set(strategy.refused),
-            strategy.rejected,
+    selector = {
+        "random": lambda: RandomSampler(len(pool), seed=seed),
+        "kcenter": lambda: KCenterSampler(features, seed=seed),
+        "in-domain": lambda: InDomainSampler(
+            pool.domains.numpy(), _client_domain_id(federation), seed=seed
+        ),
+    }.get(method, lambda: None)()
+    delivery = ExtractorDelivery()
+    cloud = _CloudStep(config, federation, metered, features, extractor, delivery)
+    strategy = Ecos(
+        budget=config["budget"],
+        pool=pool,
+        extractor=extractor if selector is None else None,
+        pool_features=features if selector is None else None,
+        num_centroids=config["num-centroids"],
+        epsilon=config["epsilon"],
+        delta=config["delta"],
+        noise=method == "ecos",
+        score_mode=config["score-mode"],
+        radius=config["radius"] if config["score-mode"] == "radius" else None,
+        max_per_sample=config["max-per-sample"],
+        threshold_multiple=config["threshold-multiple"],
+        selector=selector,
+        fit_fn=cloud.fit,
+        finetune_fn=cloud.finetune if finetune_enabled(config) else None,
+        min_answers=max(config["min-clients"], 1),
+        seed=seed,
+        delivery=delivery,
+    )
+    result = strategy.start(
+        metered, ArrayRecord(), timeout=config["timeout"], train_config=client_config(config)
+    )
+    timer.seconds.update(result.phase_seconds)
+    return _report(method, config, federation, metered, result, cloud, extractor, timer, start)
+
+
+class _CloudStep:
+    """The run's `fit_fn` (the configured application on the selection) and `finetune_fn`
+    (the `finetune` record, normalised by the selection's features under the trained model)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        federation: Federation,
+        grid: MeteredGrid,
+        features: np.ndarray | None,
+        extractor: Any,
+        delivery: ExtractorDelivery,
+    ) -> None:
+        self.config, self.federation, self.grid = config, federation, grid
+        self.features, self.extractor, self.delivery = features, extractor, delivery
+        self.context: SelectionContext | None = None
+        self.model: torch.nn.Module | None = None
+
+    def fit(self, selection: np.ndarray) -> ArrayRecord:
+        self.context = SelectionContext(
+            self.config,
+            self.federation,
+            selection,
+            self.grid,
+            self.features,
+            self.extractor,
+            self.delivery,
         )
-        if aggregated is None:
-            refused = "; ".join(f"node {n}: {r}" for n, r in strategy.refused.items())
-            raise RuntimeError(
-                "no client answered the ECOS query validly ("
-                + too_few_message("query", 0, max(min_clients, 1), dropped)
-                + (f"; refused: {refused}" if refused else "")
-                + ")"
-            )
-        if len(strategy.accepted_scores) < min_clients:
-            raise RuntimeError(
-                too_few_message("ECOS query", len(strategy.accepted_scores), min_clients, dropped)
-            )
-        sampler = EcosSampler(features, compression, aggregated, seed=seed)
+        self.model = use_selection(self.context)
+        return ArrayRecord(self.model.state_dict())
+
+    def finetune(self, selection: np.ndarray, arrays: ArrayRecord) -> ConfigRecord:
+        images = self.federation.pool.images[selection]
+        scale = public_feature_scale_of(self.model, images, self.config["device"])
+        return finetune_record(self.config, scale)
+
+
+def _report(
+    method: str,
+    config: dict[str, Any],
+    federation: Federation,
+    metered: MeteredGrid,
+    result: EcosResult,
+    cloud: _CloudStep,
+    extractor: Any,
+    timer: PhaseTimer,
+    start: float,
+) -> RunReport:
+    """The Result (and the application's own rounds) as the run's report."""
+    pool, selected = federation.pool, result.selection
+    query = result.train_metrics_clientapp[1]
+    evaluation = result.evaluate_metrics_clientapp[1]
+    context = cloud.context
+    extra: dict[str, Any] = {"dropped": result.dropped}
+    if method in ("ecos", "oracle"):
         extra.update(
             {
-                "answered": len(strategy.accepted_scores),
-                "rejected": [str(e) for e in strategy.rejected],
-                "refused": {str(k): v for k, v in strategy.refused.items()},
+                "answered": int(query["answered"]),
+                "rejected": [str(e) for e in result.rejected["query"]],
+                "refused": {str(k): v for k, v in result.refused.items()},
                 "extractor-bytes": extractor.num_bytes(),
             }
         )
-    elif method == "random":
-        sampler = RandomSampler(len(pool), seed=seed)
-    elif method == "kcenter":
-        sampler = KCenterSampler(features, seed=seed)
-    else:
-        sampler = InDomainSampler(pool.domains.numpy(), _client_domain_id(federation), seed=seed)
-    with timer("select"):
-        selected = np.asarray(sampler.select(budget), dtype=np.int64)
     if federation.client_domain in pool.domain_names:
         extra["domain-precision"] = domain_precision(
             selected, pool.domains.numpy(), _client_domain_id(federation)
         )
     extra["selected"] = int(len(selected))
     extra["selection-sha256"] = hashlib.sha256(np.sort(selected).tobytes()).hexdigest()[:16]
-    with timer("cloud-training"):
-        context = SelectionContext(
-            config, federation, selected, metered, strategy, features, extractor
-        )
-        model = use_selection(context)
     extra.update(context.extra)
-    with timer("evaluate"):  # (clients fine-tune the head with DP first, if configured)
-        rejected_before = len(strategy.rejected)
-        messages, evaluate_extra = evaluate_model(
-            strategy, model, config, metered, pool.images, selected
-        )
-        extra.update(evaluate_extra)
-    dropped += drop_events(
-        "evaluate",
-        1,
-        [m.metadata.dst_node_id for m in messages],
-        strategy.evaluated_nodes,
-        strategy.rejected[rejected_before:],
-        strategy.node_to_client,
-    )
-    if not strategy.accuracy:
-        raise RuntimeError(no_results_message({e.node_id: e.problem for e in strategy.rejected}))
-    if len(strategy.evaluated_nodes) < min_clients:
-        raise RuntimeError(
-            too_few_message("evaluation", len(strategy.evaluated_nodes), min_clients, dropped)
-        )
-    report = RunReport(method=method, seed=seed, scenario=str(config["scenario"]))
-    report.accuracy_per_client = dict(strategy.accuracy)
+    extra.update(result.finetune)
+    # Each client's ledger total as last reported: the query, then the application's rounds
+    # (private kNN), then DP fine-tuning.
+    spent = per_client(query, "epsilon-spent")
+    spent.update(context.epsilon_spent)
+    spent.update(per_client(evaluation, "finetune-epsilon-spent", "finetune-client-ids"))
+    accuracy = per_client(evaluation, "accuracy-per-client")
+    report = RunReport(method=method, seed=config["seed"], scenario=config["scenario"])
+    report.accuracy_per_client = accuracy
     if method == "ecos":
-        report.epsilon_per_client = dict(strategy.epsilon_spent)
-        report.delta = float(config["delta"])
+        report.epsilon_per_client = spent
+        report.delta = config["delta"]
     elif method in ("random", "kcenter"):
         # The selection never looks at client data; an application's charges (private kNN, DP
         # fine-tuning) are the clients' whole cost.
-        report.epsilon_per_client = {
-            c: strategy.epsilon_spent.get(c, 0.0) for c in strategy.accuracy
-        }
-        if strategy.epsilon_spent:
-            report.delta = float(config["delta"])
-    report.add_traffic(metered, strategy.node_to_client)
+        report.epsilon_per_client = {c: spent.get(c, 0.0) for c in accuracy}
+        if spent:
+            report.delta = config["delta"]
+    node_to_client = dict(result.node_to_client)
+    node_to_client.update(context.node_to_client)
+    report.add_traffic(metered, node_to_client)
     report.phase_seconds = timer.seconds
     report.wall_s = time.time() - start
     report.extra = extra
@@ -234,46 +229,20 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
     return report
 
 
-@dataclass
-class SelectionContext:
-    """What the step after selection may use: the run config, the federation (only its public
-    pool on the server), the selected pool indices, the metered grid (an application may query
-    clients, e.g. private kNN labelling), the strategy (whose `epsilon_spent` per client an
-    application's charges add to), the pool features and the extractor (None for methods without
-    one), and `extra`: what the application adds to the run report."""
-
-    config: dict[str, Any]
-    federation: Federation
-    selected: np.ndarray
-    grid: MeteredGrid
-    strategy: EcosStrategy
-    features: np.ndarray | None
-    extractor: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def train_on_selection(context: SelectionContext) -> torch.nn.Module:
     """Label outsourcing: train the task model on the selected samples with their pool labels."""
     config, pool = context.config, context.federation.pool
-    seed = int(config["seed"])
-    images = pool.images
-    model = build_model(
-        str(config["model"]),
-        context.federation.num_classes,
-        images.shape[1],
-        images.shape[-1],
-        seed=seed,
-    )
+    model = task_model(context)
     chosen = context.selected.tolist()
     train_epochs(
         model,
-        images[chosen],
+        pool.images[chosen],
         pool.labels[chosen],
-        epochs=int(config["cloud-epochs"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
-        seed=seed,
-        device=str(config["device"]),
+        epochs=config["cloud-epochs"],
+        batch_size=config["batch-size"],
+        learning_rate=config["learning-rate"],
+        seed=config["seed"],
+        device=config["device"],
     )
     return model
 
@@ -287,7 +256,7 @@ APPLICATIONS: dict[str, Callable[[SelectionContext], torch.nn.Module]] = {
 
 def use_selection(context: SelectionContext) -> torch.nn.Module:
     """Run the configured application on the selection; returns the model clients evaluate."""
-    name = str(context.config.get("application", "supervised"))
+    name = context.config["application"]
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; choose one of {', '.join(APPLICATIONS)}")
     return APPLICATIONS[name](context)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
@@ -227,3 +227,37 @@ def answers(
             continue
         answered.append(reply)
     return answered
+
+
+class ReplyTally:
+    """What a round's reply checks keep: per-client epsilon totals, the node -> client map, the
+    rejected replies (each an InvalidReplyError naming its node, logged when rejected) and the
+    refusals (node -> the client's stated reason). Shared base of the rounds' tallies; the views
+    are copies, so no caller can change a tally's state."""
+
+    def __init__(self) -> None:
+        self._spent: dict[int, float] = {}
+        self._clients: dict[int, int] = {}
+        self._rejected: list[InvalidReplyError] = []
+        self._refused: dict[int, str] = {}
+
+    def _reject(self, errors: Iterable[InvalidReplyError]) -> None:
+        for error in errors:
+            self._rejected.append(error)
+            log(WARNING, "rejected reply: %s", error)
+
+    @property
+    def epsilon_spent(self) -> Mapping[int, float]:
+        return dict(self._spent)
+
+    @property
+    def node_to_client(self) -> Mapping[int, int]:
+        return dict(self._clients)
+
+    @property
+    def rejected(self) -> list[InvalidReplyError]:
+        return list(self._rejected)
+
+    @property
+    def refused(self) -> Mapping[int, str]:
+        return dict(self._refused)

@@ -1,6 +1,6 @@
 """Task models, feature extractors and their train/evaluate loops (pure torch, no Flower)."""
 
-from ecos_flower.models.nets import PaperCNN, PaperMLP, SmallCNN, build_model
+from ecos_flower.models.nets import PaperCNN, PaperMLP, SmallCNN, build_model, seeded_model
 from ecos_flower.models.training import (
     batched_apply,
     evaluate_accuracy,
@@ -15,6 +15,7 @@ __all__ = [
     "batched_apply",
     "build_model",
     "evaluate_accuracy",
+    "seeded_model",
     "set_torch_threads",
     "train_epochs",
 ]

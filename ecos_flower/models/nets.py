@@ -110,3 +110,13 @@ def build_model(
     if name == "paper-cnn":
         return PaperCNN(num_classes, in_channels, image_size)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def seeded_model(
+    name: str, seed: int, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The run's initial model: the same parameters on the server and on every participant.
+
+    Seeds a forked torch RNG, so the caller's random state is left as it was.
+    """
+    return build_model(name, num_classes, in_channels, image_size, seed=int(seed))

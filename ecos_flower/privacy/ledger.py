@@ -77,6 +77,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon
 
 LEDGER_FORMAT = "ecos-flower-node-ledger"
@@ -281,16 +283,27 @@ def _full_batch_epsilon(precision: float, subsampled, delta: float) -> float:
 def _rdp_epsilon(precision: float, subsampled, delta: float) -> float:
     """Renyi-DP bound (dp_accounting's RdpAccountant, integer orders) of the Gaussian part and
     the subsampled DP-SGD steps composed."""
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    orders = np.asarray(RDP_ORDERS)
+    rdp = orders * (precision / 2.0)  # Gaussian: alpha / (2 z^2), additive over releases
+    for z, q, steps in subsampled:
+        rdp = rdp + steps * _rdp_one_step(z, q)
+    epsilon, _ = compute_epsilon(orders, rdp, delta)
+    return float(epsilon)
+
+
+@functools.lru_cache(maxsize=512)
+def _rdp_one_step(z: float, q: float) -> np.ndarray:
+    """RDP curve (at RDP_ORDERS) of one Poisson-subsampled Gaussian step, from RdpAccountant."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    accountant = RdpAccountant(orders=RDP_ORDERS)
-    if precision > 0.0:
-        accountant.compose(dp_accounting.GaussianDpEvent(precision**-0.5))
-    for z, q, steps in subsampled:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return float(accountant.get_epsilon(delta))
+    accountant = RdpAccountant(orders=list(RDP_ORDERS))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    curve = np.array(accountant.rdp, dtype=float)
+    curve.setflags(write=False)
+    return curve
 
 
 @functools.lru_cache(maxsize=4096)
@@ -324,8 +337,9 @@ def _epsilon_of_key(key: _Key, delta: float) -> float:
         if not subsampled:
             return pure + gaussian_epsilon
         half = analytic_gaussian_epsilon(precision**-0.5, delta / 2)
-        sub = [("dpsgd", z, q, steps) for z, q, steps in subsampled]
-        return pure + half + _pld_epsilon(sub, delta / 2)
+        # The DP-SGD part alone, accounted exactly as it would be on its own (so adding a
+        # Gaussian release never lowers the total).
+        return pure + half + _epsilon_of_key((0.0, (), subsampled), delta / 2)
     most_steps = max((steps for _, _, steps in subsampled), default=0)
     if most_steps > PLD_MAX_STEPS or (
         subsampled and _full_batch_epsilon(precision, subsampled, delta) > PLD_MAX_GAUSSIAN_EPSILON

@@ -3,7 +3,7 @@
 The adversary is the server (DESIGN.md section 2.4). So what a node releases is decided here,
 from the node's own configuration (Flower's node config, which the node's operator sets on the
 command line of `flower-supernode --node-config ...`), never from a message. This module is pure
-Python (no Flower, no torch): the Flower glue in `ecos_flower.flower.release` applies it.
+Python (no Flower, no torch): the Flower glue in `ecos_flower.client.release` applies it.
 
 Two policies:
 

@@ -1,16 +1,30 @@
-"""How a ClientApp finds its own data: the scenario, its partition id, and checks on both."""
+"""How a ClientApp finds its own data.
+
+Every handler takes a `load_data(config, node_config) -> ClientShard` callable (`LoadData`): the
+message's client config and the node's own config in, the node's train and test splits out. The
+default, `client_shard`, reads the project's scenarios (the scenario named by the node config or
+the message, the shard given by the node's `partition-id`); a Flower user passes their own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ecos_flower.data import ClientShard, load_federation
 
+LoadData = Callable[[Mapping[str, Any], Mapping[str, Any]], ClientShard]
+"""`load_data(config, node_config) -> ClientShard`: this node's data for one message."""
 
-def check_data_source(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+
+def check_data_source(
+    config: Mapping[str, Any], node_config: Mapping[str, Any], load_data: LoadData | None = None
+) -> None:
     """Raise ValueError unless the node config or the message names a scenario (checked before a
-    charge: it depends on the configuration and the message only, not on the data)."""
+    charge: it depends on the configuration and the message only, not on the data). Only for
+    the scenario loader: another `load_data` is the user's, and not checked here."""
+    if load_data is not None and load_data is not client_shard:
+        return
     if not str(node_config.get("scenario") or config.get("scenario") or ""):
         raise ValueError("no scenario: set `scenario` in the run config or the node config")
 

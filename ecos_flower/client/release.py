@@ -12,6 +12,9 @@ Refusals depend on the message and the node's configuration only. Because the le
 before the data is read, anything that fails afterwards (on any data) has been paid for; such a
 failure leaves as a refusal without the exception's text (`guarded`), which stays in the node's
 log.
+
+A handler written against the boundary, `handler(msg, context, boundary) -> Message`, becomes a
+ClientApp function with `guarded(handler)`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Client handlers of the applications: private-kNN labelling (`query.knn`) and DP last-layer
 fine-tuning before evaluation (`evaluate.finetune`: DP-SGD, DP least squares or DP-FC). Both go
-through the node's release boundary (`ecos_flower.flower.release`): admitted by the node's
-policy, charged to its one lifetime ledger before its data is read, refused past its limit."""
+through the node's release boundary (`ecos_flower.client.release`): admitted by the node's
+policy, charged to its one lifetime ledger before its data is read, refused past its limit. The
+requests' fields are declared once, in `ecos_flower.client.messages` (`KNN_QUERY`,
+`FINETUNE_REQUEST`, `MODEL_CONFIG`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from ecos_flower.applications import (
     DEFAULT_NORMALISER,
-    KNN_MODES,
     FinetuneResult,
     dp_fc_head,
     dp_finetune_head,
@@ -26,125 +27,82 @@ from ecos_flower.applications import (
     knn_votes,
 )
 from ecos_flower.applications.finetune import calibrate_noise
-from ecos_flower.flower.client_data import client_shard
-from ecos_flower.flower.ecos_client import (
-    DEFAULT_MAX_DELTA,
+from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.ecos import check_source, read_extractor
+from ecos_flower.client.messages import (
+    FINETUNE_REQUEST,
+    KNN_QUERY,
     QueryRejected,
-    _extractor,
-    check_source,
+    read_model_config,
 )
-from ecos_flower.flower.release import Refused, ReleaseBoundary, guarded
+from ecos_flower.client.release import Refused, ReleaseBoundary, guarded
 from ecos_flower.flower.validation import checked_numpy
 from ecos_flower.models import build_model, evaluate_accuracy
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 from ecos_flower.privacy.ledger import PrivacyEvent
 
-KNN_LIMITS = {"max-knn-queries": 100_000, "max-knn-k": 1_000, "max-finetune-steps": 10_000}
-
-
-def _node_limit(node_config: Mapping[str, Any], key: str) -> int:
-    """This node's limit `key` (its node config, else the default in KNN_LIMITS)."""
-    return int(node_config.get(key, KNN_LIMITS[key]))
-
-
-def _number(record: ConfigRecord, key: str, default: float, kind: type = float) -> Any:
-    """`record[key]` as a number of `kind`; QueryRejected (not a crash) for lists, bytes, NaN
-    as an int, or anything else a hostile server may send."""
-    value = record.get(key, default)
-    if isinstance(value, (list, bytes, str)):
-        raise QueryRejected(f"{key}={value!r} is not a number")
-    try:
-        return kind(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise QueryRejected(f"{key}={value!r} is not a number: {exc}") from exc
-
-
-def _check_privacy(
-    query: ConfigRecord, node_config: Mapping[str, Any] | None = None
-) -> tuple[float, float]:
-    epsilon, delta = _number(query, "epsilon", -1), _number(query, "delta", -1)
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise QueryRejected(f"epsilon={epsilon} must be a positive finite number")
-    if not 0 < delta < 1:
-        raise QueryRejected(f"delta={delta} must lie in (0, 1)")
-    max_delta = float((node_config or {}).get("max-delta", DEFAULT_MAX_DELTA))
-    if delta > max_delta:  # a large delta buys a small sigma: the node decides what it accepts
-        raise QueryRejected(f"delta={delta:g} above this node's max-delta={max_delta:g}")
-    return epsilon, delta
-
-
-def _query_size(query: ConfigRecord, node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """(num-queries, dim) of a kNN query, within this node's limits."""
-    n, d = _number(query, "num-queries", -1, int), _number(query, "dim", -1, int)
-    limit = _node_limit(node_config, "max-knn-queries")
-    if not 1 <= n <= limit:
-        raise QueryRejected(f"num-queries={n} outside 1..{limit}")
-    if not 1 <= d <= 4_096:
-        raise QueryRejected(f"dim={d} outside 1..4096")
-    return n, d
-
 
 def check_knn_query(
-    query: ConfigRecord, features: np.ndarray, node_config: Mapping[str, Any]
-) -> None:
-    """Refuse absurd or unsafe kNN queries before any work is done."""
-    n, d = _query_size(query, node_config)
+    query: object, features: np.ndarray, node_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The `knn` record parsed (`KNN_QUERY`) and the decoded features checked against it:
+    refuses absurd or unsafe kNN queries before any work is done."""
+    parsed = KNN_QUERY.parse(query, node_config)
+    check_query_features(parsed, features)
+    return parsed
+
+
+def check_query_features(query: Mapping[str, Any], features: np.ndarray) -> None:
+    """Refuse features that are not the (num-queries, dim) finite floats the parsed query
+    declares."""
+    n, d = query["num-queries"], query["dim"]
     if features.shape != (n, d):
         raise QueryRejected(f"query features have shape {features.shape}, query says ({n}, {d})")
     if features.dtype.kind != "f" or not np.all(np.isfinite(features)):
         raise QueryRejected("query features must be finite floating-point numbers")
-    k = _number(query, "k", -1, int)
-    if not 1 <= k <= _node_limit(node_config, "max-knn-k"):
-        raise QueryRejected(f"k={k} outside 1..{_node_limit(node_config, 'max-knn-k')}")
-    if str(query.get("mode", "")) not in KNN_MODES:
-        raise QueryRejected(f"unknown kNN mode {query.get('mode')!r}")
-    if not 2 <= _number(query, "num-classes", -1, int) <= 10_000:
-        raise QueryRejected(f"num-classes={query.get('num-classes')} outside 2..10000")
-    _check_privacy(query, node_config)
 
 
-def read_query_features(
-    msg: Message, query: ConfigRecord, node_config: Mapping[str, Any]
-) -> np.ndarray:
-    """The selected samples' features, decoded only after their declared size passed the
-    node's limits (a tiny payload must not make the client allocate gigabytes)."""
-    n, d = _query_size(query, node_config)
+def read_query_features(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
+    """The selected samples' features for the parsed `query`, decoded only after their declared
+    size passed the node's limits (a tiny payload must not make the client allocate gigabytes),
+    and checked."""
+    n, d = query["num-queries"], query["dim"]
     record = msg.content.get("queries")
     if not isinstance(record, ArrayRecord) or list(record.keys()) != ["features"]:
         raise QueryRejected("query has no ArrayRecord 'queries' holding 'features'")
     try:
-        return checked_numpy(record["features"], n * d, "query features")
+        features = checked_numpy(record["features"], n * d, "query features")
     except ValueError as exc:
         raise QueryRejected(str(exc)) from exc
+    check_query_features(query, features)
+    return features
 
 
-def answer_knn_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+def answer_knn_query(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData = client_shard
+) -> Message:
     """Answer one `query.knn`: noisy label-vote histograms (n x classes) for the server's
     selected samples, from this client's labelled training shard, in the shared feature space.
     Charged before the data is read; the votes are total (samples with non-finite features or
     labels outside 0..num-classes-1 are dropped; ties are broken by sample order)."""
-    query = msg.content.get("knn")
-    if not isinstance(query, ConfigRecord):
-        raise QueryRejected("query has no ConfigRecord 'knn'")
-    features = read_query_features(msg, query, context.node_config)
-    check_knn_query(query, features, context.node_config)
+    query = KNN_QUERY.parse(msg.content.get("knn"), context.node_config)
+    features = read_query_features(msg, query)
     config = msg.content.get("config")
     if not isinstance(config, ConfigRecord):
         raise QueryRejected("query has no ConfigRecord 'config'")
     boundary.admit("knn-votes")
-    extractor = _extractor(msg, context, query, dim=features.shape[1])
-    check_source(config, context.node_config)
-    k, mode = int(query["k"]), str(query["mode"])
-    num_classes = int(query["num-classes"])
+    extractor = read_extractor(msg, context, query, dim=features.shape[1])
+    check_source(config, context.node_config, load_data)
+    k, mode, num_classes = query["k"], query["mode"], query["num-classes"]
     sensitivity = knn_sensitivity(mode, k, len(features))
-    epsilon, delta = _check_privacy(query, context.node_config)
+    epsilon, delta = query["epsilon"], query["delta"]
     sigma = analytic_gaussian_sigma(epsilon, delta, sensitivity)
     event = PrivacyEvent.gaussian(
         sigma / sensitivity, note=f"kNN votes ({len(features)} samples), run {context.run_id}"
     )
     spent, noise = boundary.charge(event)
     # Charged: only from here on is the node's data read.
-    shard = client_shard(config, context.node_config)
+    shard = load_data(config, context.node_config)
     own = np.asarray(extractor.transform(shard.train.images, progress=False))
     if own.ndim != 2 or own.shape[1] != features.shape[1]:
         raise ValueError(f"extractor features {own.shape[1:]} vs query dim {features.shape[1]}")
@@ -159,16 +117,13 @@ def answer_knn_query(msg: Message, context: Context, boundary: ReleaseBoundary) 
     return boundary.reply("knn-votes", {"votes": ArrayRecord([noisy.astype(np.float64)])}, metrics)
 
 
-def _model(config: ConfigRecord, images: torch.Tensor) -> torch.nn.Module:
+def _model(model: Mapping[str, Any], images: torch.Tensor) -> torch.nn.Module:
     return build_model(
-        str(config["model"]),
-        num_classes=int(config.get("num-classes", 10)),
+        model["model"],
+        num_classes=model["num-classes"],
         in_channels=images.shape[1],
         image_size=images.shape[-1],
     )
-
-
-FINETUNE_METHODS = ("dp-sgd", "dp-least-squares", "dp-fc")
 
 
 @dataclass
@@ -198,47 +153,11 @@ class FinetuneSpec:
         return calibrate_noise(self.epsilon, self.delta, 1)
 
 
-def read_finetune_spec(spec: Any, node_config: Mapping[str, Any]) -> FinetuneSpec:
-    """Parse and bound-check the request; raises QueryRejected naming the bad field."""
-    if not isinstance(spec, ConfigRecord):
-        raise QueryRejected("message has no ConfigRecord 'finetune'")
-    epsilon, delta = _check_privacy(spec, node_config)
-    method = str(spec.get("method", "dp-sgd"))
-    if method not in FINETUNE_METHODS:
-        raise QueryRejected(f"unknown method {method!r}; this node offers {FINETUNE_METHODS}")
-    parsed = FinetuneSpec(
-        method=method,
-        epsilon=epsilon,
-        delta=delta,
-        steps=_number(spec, "steps", 100, int),
-        clip=_number(spec, "clip", 1.0),
-        learning_rate=_number(spec, "learning-rate", 1.0),
-        init=str(spec.get("init", "zero")),
-        ridge=_number(spec, "ridge", 1.0),
-        covariance_share=_number(spec, "covariance-share", 0.3),
-        floor=_number(spec, "floor", 0.01),
-        feature_scale=_number(spec, "feature-scale", 1.0),
-        normaliser=_number(spec, "normaliser", DEFAULT_NORMALISER),
-    )
-    limit = _node_limit(node_config, "max-finetune-steps")
-    if not 1 <= parsed.steps <= limit:
-        raise QueryRejected(f"steps={parsed.steps} outside 1..{limit}")
-    if parsed.init not in ("zero", "received"):
-        raise QueryRejected(f"init={parsed.init!r} must be 'zero' or 'received'")
-    positive = {
-        "clip": parsed.clip,
-        "learning-rate": parsed.learning_rate,
-        "ridge": parsed.ridge,
-        "floor": parsed.floor,
-        "feature-scale": parsed.feature_scale,
-        "normaliser": parsed.normaliser,
-    }
-    for name, value in positive.items():
-        if not (math.isfinite(value) and value > 0):
-            raise QueryRejected(f"{name}={value} must be a positive finite number")
-    if not 0 < parsed.covariance_share < 1:
-        raise QueryRejected(f"covariance-share={parsed.covariance_share} must lie in (0, 1)")
-    return parsed
+def read_finetune_spec(spec: object, node_config: Mapping[str, Any]) -> FinetuneSpec:
+    """Parse and bound-check the request (`FINETUNE_REQUEST`); raises QueryRejected naming the
+    bad field."""
+    fields = FINETUNE_REQUEST.parse(spec, node_config)
+    return FinetuneSpec(**{name.replace("-", "_"): value for name, value in fields.items()})
 
 
 def finetune_head(
@@ -294,7 +213,9 @@ def finetune_head(
     )
 
 
-def answer_finetune_evaluate(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+def answer_finetune_evaluate(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData = client_shard
+) -> Message:
     """`evaluate.finetune`: refit the received model's classifier head on the private train split
     with DP (DP-SGD through Opacus, DP least squares or DP-FC), charged to the ledger first, and
     report the fine-tuned model's test accuracy (and the received model's). The accuracies are
@@ -306,6 +227,7 @@ def answer_finetune_evaluate(msg: Message, context: Context, boundary: ReleaseBo
     arrays = msg.content.get("arrays")
     if not isinstance(config, ConfigRecord) or not isinstance(arrays, ArrayRecord):
         raise QueryRejected("message has no ConfigRecord 'config' and ArrayRecord 'arrays'")
+    task_model = read_model_config(config, context.node_config)
     boundary.admit("evaluation-metrics")
     spent = noise = spec = None
     try:
@@ -321,8 +243,8 @@ def answer_finetune_evaluate(msg: Message, context: Context, boundary: ReleaseBo
     except Refused as exc:  # the received model is still scored
         reason = exc.reason
     device = str(config.get("device", "cpu"))
-    shard = client_shard(config, context.node_config)
-    model = _model(config, shard.train.images)
+    shard = load_data(config, context.node_config)
+    model = _model(task_model, shard.train.images)
     model.load_state_dict(arrays.to_torch_state_dict())
     if not hasattr(model, "embed") or not isinstance(
         getattr(model, "classifier", None), torch.nn.Linear
@@ -355,7 +277,29 @@ def answer_finetune_evaluate(msg: Message, context: Context, boundary: ReleaseBo
     return boundary.reply("dp-head-fit", {}, metrics)
 
 
-handle_knn_query = guarded(answer_knn_query)
+def knn_handler(load_data: LoadData = client_shard) -> Callable[[Message, Context], Message]:
+    """The `query.knn` handler, reading this node's labelled data with `load_data(config,
+    node_config)` (after the charge); register it with `app.query("knn")(knn_handler(...))`."""
+
+    def handle_knn_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+        return answer_knn_query(msg, context, boundary, load_data)
+
+    return guarded(handle_knn_query)
 
 
-handle_finetune_evaluate = guarded(answer_finetune_evaluate)
+def finetune_handler(load_data: LoadData = client_shard) -> Callable[[Message, Context], Message]:
+    """The `evaluate.finetune` handler, reading this node's data with `load_data`."""
+
+    def handle_finetune_evaluate(
+        msg: Message, context: Context, boundary: ReleaseBoundary
+    ) -> Message:
+        return answer_finetune_evaluate(msg, context, boundary, load_data)
+
+    return guarded(handle_finetune_evaluate)
+
+
+handle_knn_query = knn_handler()
+"""`query.knn` on the project's scenarios (`client_shard`)."""
+
+handle_finetune_evaluate = finetune_handler()
+"""`evaluate.finetune` on the project's scenarios (`client_shard`)."""

@@ -5,23 +5,29 @@ Neither is private: a node under the private policy refuses both unless its oper
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
-from ecos_flower.flower.client_data import client_shard
-from ecos_flower.flower.release import ReleaseBoundary, guarded
+from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.messages import read_model_config
+from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.models import build_model, evaluate_accuracy, train_epochs
 
 
-def answer_local_training(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+def answer_local_training(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData = client_shard
+) -> Message:
     """Train a fresh task model on this client's own shard only; reply with its test accuracy."""
     boundary.admit("evaluation-metrics")
     config = msg.content["config"]
-    shard = client_shard(config, context.node_config)
+    task_model = read_model_config(config, context.node_config)
+    shard = load_data(config, context.node_config)
     images = shard.train.images
     model = build_model(
-        str(config["model"]),
-        int(config.get("num-classes", 10)),
+        task_model["model"],
+        task_model["num-classes"],
         images.shape[1],
         images.shape[-1],
         seed=int(config.get("seed", 0)),
@@ -42,11 +48,13 @@ def answer_local_training(msg: Message, context: Context, boundary: ReleaseBound
     return boundary.reply("evaluation-metrics", {}, metrics)
 
 
-def answer_data_upload(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+def answer_data_upload(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData = client_shard
+) -> Message:
     """Send the raw training shard to the server (what `centralized` assumes clients would do)."""
     boundary.admit("raw-upload")
     config = msg.content["config"]
-    shard = client_shard(config, context.node_config)
+    shard = load_data(config, context.node_config)
     data = ArrayRecord(
         {
             "images": Array(np.ascontiguousarray(shard.train.images.numpy())),
@@ -56,7 +64,31 @@ def answer_data_upload(msg: Message, context: Context, boundary: ReleaseBoundary
     return boundary.reply("raw-upload", {"data": data}, boundary.node_label())
 
 
-handle_local_training = guarded(answer_local_training)
+def local_training_handler(
+    load_data: LoadData = client_shard,
+) -> Callable[[Message, Context], Message]:
+    """The `train.local` handler (reference point `local`), reading this node's data with
+    `load_data(config, node_config)`."""
+
+    def handle_local_training(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+        return answer_local_training(msg, context, boundary, load_data)
+
+    return guarded(handle_local_training)
 
 
-handle_data_upload = guarded(answer_data_upload)
+def data_upload_handler(
+    load_data: LoadData = client_shard,
+) -> Callable[[Message, Context], Message]:
+    """The `query.upload` handler (reference point `centralized`), reading with `load_data`."""
+
+    def handle_data_upload(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+        return answer_data_upload(msg, context, boundary, load_data)
+
+    return guarded(handle_data_upload)
+
+
+handle_local_training = local_training_handler()
+"""`train.local` on the project's scenarios (`client_shard`)."""
+
+handle_data_upload = data_upload_handler()
+"""`query.upload` on the project's scenarios (`client_shard`)."""

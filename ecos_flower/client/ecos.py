@@ -1,0 +1,196 @@
+"""The ECOS client: check the query, admit it under the node's policy, charge the node's ledger,
+then score the local shard and release the counts with Gaussian noise.
+
+The node owns its budget: its epsilon limit and ledger come from its node config only (see
+`ecos_flower.privacy.policy`); the server's message can neither lower the noise nor raise the
+limit. Replies are built by the release boundary (`ecos_flower.client.release`); the query's
+fields are declared once, in `ecos_flower.client.messages.ECOS_QUERY`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+
+from ecos_flower.client.data import LoadData, check_data_source, client_shard
+from ecos_flower.client.messages import ECOS_QUERY, MAX_CENTROIDS, MAX_DIM, QueryRejected
+from ecos_flower.client.release import ReleaseBoundary, guarded
+from ecos_flower.ecos import (
+    FeatureExtractor,
+    coverage_scores,
+    extractor_from_arrays,
+    score_sensitivity,
+)
+from ecos_flower.flower.validation import checked_numpy
+from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
+from ecos_flower.privacy.ledger import PrivacyEvent
+
+# Bounds a client enforces before it allocates anything for a query (node config may change them).
+DEFAULT_LIMITS = {
+    MAX_CENTROIDS.key: int(MAX_CENTROIDS.default),
+    MAX_DIM.key: int(MAX_DIM.default),
+    "max-extractor-params": 50_000_000,
+}
+EXTRACTOR_STATE_KEY = "ecos-extractor"
+
+
+def _limit(node_config: Mapping[str, Any], key: str) -> int:
+    return int(node_config.get(key, DEFAULT_LIMITS[key]))
+
+
+def check_centroids(query: Mapping[str, Any], centroids: np.ndarray) -> None:
+    """Refuse centroids that are not the (num-centroids, dim) finite floats the parsed query
+    declares."""
+    k, d = query["num-centroids"], query["dim"]
+    if centroids.shape != (k, d):
+        raise QueryRejected(f"centroids have shape {centroids.shape}, query says ({k}, {d})")
+    if centroids.dtype.kind != "f" or not np.all(np.isfinite(centroids)):
+        raise QueryRejected("centroids must be finite floating-point numbers")
+
+
+def read_centroids(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
+    """The centroids of the parsed `query` (`ECOS_QUERY.parse`), decoded only after the declared
+    sizes passed the node's limits."""
+    k, d = query["num-centroids"], query["dim"]
+    record = msg.content.get("centroids")
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["centroids"]:
+        raise QueryRejected("query has no ArrayRecord 'centroids' holding 'centroids'")
+    try:
+        centroids = checked_numpy(record["centroids"], k * d, "centroids")
+    except ValueError as exc:
+        raise QueryRejected(str(exc)) from exc
+    check_centroids(query, centroids)
+    return centroids
+
+
+def check_source(
+    config: ConfigRecord, node_config: Mapping[str, Any], load_data: LoadData = client_shard
+) -> None:
+    """Refuse (before any charge) a message that names no data for this node (the scenario
+    loader's check; a user's own `load_data` is not second-guessed)."""
+    try:
+        check_data_source(config, node_config, load_data)
+    except ValueError as exc:
+        raise QueryRejected(str(exc)) from exc
+
+
+def read_extractor(
+    msg: Message, context: Context, query: Mapping[str, Any], dim: int
+) -> FeatureExtractor:
+    """The feature extractor the parsed `query` names (its `extractor-hash`, `-kind` and
+    `-config`): from this message, or from the node's state if sent before; its output dimension
+    (where its weights tell it) must be the query's `dim`."""
+    extractor = _load_extractor(msg, context, query)
+    out = extractor.output_dim()
+    if out is not None and out != dim:
+        raise QueryRejected(f"extractor gives {out}-dimensional features, the query says dim={dim}")
+    return extractor
+
+
+def _load_extractor(msg: Message, context: Context, query: Mapping[str, Any]) -> FeatureExtractor:
+    digest = query["extractor-hash"]
+    if "extractor" in msg.content:
+        record = msg.content["extractor"]
+        if not isinstance(record, ArrayRecord):
+            raise QueryRejected(f"extractor is a {type(record).__name__}, not an ArrayRecord")
+        budget = _limit(context.node_config, "max-extractor-params")
+        try:  # every header checked against what is left of the limit before decoding
+            arrays = {}
+            for name, array in record.items():
+                arrays[name] = checked_numpy(array, budget, f"extractor array {name!r}")
+                budget -= arrays[name].size
+        except ValueError as exc:
+            raise QueryRejected(f"{exc} (the node's extractor parameter limit)") from exc
+        kind, config_text = query["extractor-kind"], query["extractor-config"]
+        try:
+            extractor = extractor_from_arrays(kind, arrays, json.loads(config_text))
+        except Exception as exc:  # whatever the extractor code raises on bad weights
+            raise QueryRejected(f"extractor does not load: {type(exc).__name__}: {exc}") from exc
+        # Kept only once it loaded: a bad extractor never replaces a good one in the state.
+        context.state[EXTRACTOR_STATE_KEY] = record
+        context.state[EXTRACTOR_STATE_KEY + "-config"] = ConfigRecord(
+            {"hash": digest, "kind": kind, "config": config_text}
+        )
+        return extractor
+    saved = context.state.get(EXTRACTOR_STATE_KEY + "-config")
+    if saved is None or saved["hash"] != digest:
+        raise QueryRejected("query names an extractor this node has not received")
+    arrays = {name: array.numpy() for name, array in context.state[EXTRACTOR_STATE_KEY].items()}
+    return extractor_from_arrays(str(saved["kind"]), arrays, json.loads(str(saved["config"])))
+
+
+def answer_ecos_query(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData = client_shard
+) -> Message:
+    """Answer one `query.ecos`: K noisy coverage counts of the local training shard.
+
+    Order: parse the message (message-only refusals), admit the mechanism under the node's
+    policy, charge the ledger, and only then read the data; the scoring is total (samples with
+    non-finite features are dropped), so no data-dependent branch exists after the charge. A
+    query that is not answered leaves the node's state as it was (no half-accepted extractor).
+    """
+    kept = {k: context.state.get(k) for k in (EXTRACTOR_STATE_KEY, EXTRACTOR_STATE_KEY + "-config")}
+    try:
+        return _answer_ecos_query(msg, context, boundary, load_data)
+    except Exception:
+        for key, record in kept.items():
+            if record is None:
+                context.state.pop(key, None)
+            else:
+                context.state[key] = record
+        raise
+
+
+def _answer_ecos_query(
+    msg: Message, context: Context, boundary: ReleaseBoundary, load_data: LoadData
+) -> Message:
+    query = ECOS_QUERY.parse(msg.content.get("ecos"), context.node_config)
+    centroids = read_centroids(msg, query)
+    config = msg.content.get("config")
+    if not isinstance(config, ConfigRecord):
+        raise QueryRejected("query has no ConfigRecord 'config'")
+    noisy = query["noise"]
+    mechanism = "ecos-counts" if noisy else "exact-counts"
+    boundary.admit(mechanism)
+    extractor = read_extractor(msg, context, query, dim=centroids.shape[1])
+    check_source(config, context.node_config, load_data)
+    mode, max_per_sample, radius = query["score-mode"], query["max-per-sample"], query["radius"]
+    sensitivity = score_sensitivity(mode, max_per_sample)
+    metrics: dict[str, float | int] = {**boundary.node_label(), "sensitivity": sensitivity}
+    sigma = 0.0
+    if noisy:
+        sigma = analytic_gaussian_sigma(query["epsilon"], query["delta"], sensitivity)
+        event = PrivacyEvent.gaussian(sigma / sensitivity, note=f"ecos query, run {context.run_id}")
+        spent, noise = boundary.charge(event)
+        metrics.update(boundary.budget_metrics(spent))
+    metrics["sigma"] = sigma
+    # Charged (if private): only from here on is the node's data read.
+    shard = load_data(config, context.node_config)
+    features = np.asarray(extractor.transform(shard.train.images, progress=False))
+    if features.ndim != 2 or features.shape[1] != centroids.shape[1]:
+        raise ValueError(f"extractor features {features.shape[1:]} vs centroids {centroids.shape}")
+    scores = coverage_scores(
+        features, centroids, mode=mode, radius=radius, max_per_sample=max_per_sample
+    )
+    if noisy:
+        scores = noise.gaussian_release(scores, sigma)  # OpenDP's float-safe sampler (fresh)
+    records = {"scores": ArrayRecord([np.asarray(scores, dtype=np.float64)])}
+    return boundary.reply(mechanism, records, metrics)
+
+
+def ecos_handler(load_data: LoadData = client_shard) -> Callable[[Message, Context], Message]:
+    """The `query.ecos` handler, reading this node's data with `load_data(config, node_config)`
+    (after the charge); register it with `app.query("ecos")(ecos_handler(my_loader))`."""
+
+    def handle_ecos_query(msg: Message, context: Context, boundary: ReleaseBoundary) -> Message:
+        return answer_ecos_query(msg, context, boundary, load_data)
+
+    return guarded(handle_ecos_query)
+
+
+handle_ecos_query = ecos_handler()
+"""`query.ecos` on the project's scenarios (`client_shard`)."""

@@ -1,0 +1,77 @@
+"""What the sampling methods and the applications share: the server's feature map, the context
+the step after selection gets, and the task model it trains.
+
+Both `sampling_run` (the run) and `applications` (what the cloud does with the selection) import
+this module; neither imports the other's internals through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecos_flower.data import Federation
+from ecos_flower.ecos import FeatureExtractor, make_extractor
+from ecos_flower.flower.payload import MeteredGrid
+from ecos_flower.models import build_model
+from ecos_flower.strategy.ecos_query import ExtractorDelivery
+
+
+def build_extractor(config: dict[str, Any], federation: Federation) -> FeatureExtractor:
+    """The server's feature map phi, fitted on the labelled public pool (no privacy cost)."""
+    kind = config["extractor"]
+    seed, device = config["seed"], config["device"]
+    if kind == "supervised":
+        extractor = make_extractor(
+            kind, epochs=config["extractor-epochs"], seed=seed, device=device
+        )
+    elif kind == "random":
+        extractor = make_extractor(kind, seed=seed, device=device)
+    elif kind == "pca":
+        extractor = make_extractor(kind, n_components=config["pca-components"], seed=seed)
+    else:
+        raise ValueError(
+            f"extractor {kind!r} is not available from the run config; "
+            "choose supervised, random or pca"
+        )
+    pool = federation.pool
+    return extractor.fit(pool.images, pool.labels)
+
+
+@dataclass
+class SelectionContext:
+    """What the step after selection may use: the run config, the federation (only its public
+    pool on the server), the selected pool indices, the metered grid (an application may query
+    clients, e.g. private kNN labelling), the pool features and the extractor (None for methods
+    without one), and `delivery`: which nodes already hold which extractor (shared with the
+    strategy's query, so a kNN query does not ship the same weights twice).
+
+    An application writes what it measured into `extra` (report extras), and the ledger totals
+    its own client rounds reported into `epsilon_spent` (client -> epsilon) and the nodes that
+    answered into `node_to_client`; the run composes those with the strategy's figures."""
+
+    config: dict[str, Any]
+    federation: Federation
+    selected: np.ndarray
+    grid: MeteredGrid
+    features: np.ndarray | None
+    extractor: FeatureExtractor | None = None
+    delivery: ExtractorDelivery = field(default_factory=ExtractorDelivery)
+    extra: dict[str, Any] = field(default_factory=dict)
+    epsilon_spent: dict[int, float] = field(default_factory=dict)
+    node_to_client: dict[int, int] = field(default_factory=dict)
+
+
+def task_model(context: SelectionContext) -> torch.nn.Module:
+    """A freshly initialised task model (`model` of the run config) for the pool's image shape."""
+    images = context.federation.pool.images
+    return build_model(
+        context.config["model"],
+        context.federation.num_classes,
+        images.shape[1],
+        images.shape[-1],
+        seed=context.config["seed"],
+    )
