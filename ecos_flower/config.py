@@ -199,6 +199,10 @@ SETTINGS: tuple[Setting, ...] = (
         S("threshold-multiple", 2.0, float, NON_NEGATIVE,
           "drop clusters whose summed score is below this many aggregate-noise standard "
           "deviations (0: off)"),
+        S("max-client-count", 1000, int, AT_LEAST_ONE,
+          "the most samples any client holds (public): each node's noisy score vector is "
+          "clipped to this count per centroid and in total, plus the noise's slack, so no node "
+          "weighs more than one full client (post-processing: no privacy cost)"),
         S("extractor", "random", str, one_of(*EXTRACTORS),
           "the feature map phi: `random` (untrained small CNN: keeps style, measured best for "
           "domain precision), `supervised` (trained on the labelled pool), `pca`"),
@@ -268,7 +272,11 @@ SETTINGS: tuple[Setting, ...] = (
         S("theta-d", 1.0, float, FRACTION, "fraction of the parameters downloaded"),
         S("upload-mode", "largest", str, one_of("largest", "threshold"),
           "which parameters are uploaded"),
-        S("gamma", 0.0, float, NON_NEGATIVE, "upload clip bound (0: no clipping)"),
+        S("gamma", 0.001, float, NON_NEGATIVE,
+          "upload clip bound, the paper's 0.001; the server rejects uploaded values beyond it "
+          "(0: no clipping, the server still rejects values beyond `max-update`)"),
+        S("max-update", 1.0, float, POSITIVE,
+          "with `gamma` 0: the largest absolute value the server accepts in an upload"),
         S("tau", 0.0, float, NON_NEGATIVE, "upload threshold (upload-mode `threshold`)"),
         S("dssgd-epsilon", 0.0, float, NON_NEGATIVE,
           "SVT epsilon per participant per epoch (0: no DP)"),

@@ -209,7 +209,7 @@ def ecos_score_replies(draw):
         content["scores"] = ArrayRecord([draw(hnp.arrays(np.float64, (K,), elements=finite))])
         content["metrics"] = MetricRecord(
             {
-                "partition-id": draw(st.integers(0, 10**6)),
+                "partition-id": draw(st.integers(1, 10**6)),  # 0 is GOOD's
                 "sigma": draw(st.floats(1e-6, 1e6)),
                 "epsilon-spent": draw(st.floats(0, 1e3)),
             }
@@ -296,7 +296,7 @@ def evaluation_replies(draw, extra_keys: tuple[str, ...] = ()):
     if kind == "error":
         return Error(code=2, reason=draw(st.text(max_size=20))), False
     if kind == "valid":
-        values = {"partition-id": draw(st.integers(0, 1000))}
+        values = {"partition-id": draw(st.integers(1, 1000))}  # 0 is GOOD's
         for key in ("accuracy", *extra_keys):
             values[key] = draw(st.floats(0.0, 1.0))
         return RecordDict({"metrics": MetricRecord(values)}), True

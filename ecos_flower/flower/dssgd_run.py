@@ -38,6 +38,7 @@ SETTING_KEYS = (
     "theta-d",
     "upload-mode",
     "gamma",
+    "max-update",
     "tau",
     "dssgd-epsilon",
     "svt-split",
@@ -48,7 +49,8 @@ SETTING_KEYS = (
 
 
 def make_strategy(config: dict[str, Any], num_classes: int) -> Dssgd:
-    """A `Dssgd` from the run config (gamma 0: no clipping; dssgd-epsilon 0: no DP;
+    """A `Dssgd` from the run config (gamma 0: no clipping, uploads still bounded by max-update;
+    dssgd-epsilon 0: no DP;
     stat-decay-every 0: stat never decays)."""
     gamma = config["gamma"]
     epsilon = config["dssgd-epsilon"]
@@ -59,6 +61,7 @@ def make_strategy(config: dict[str, Any], num_classes: int) -> Dssgd:
         schedule=config["dssgd-schedule"],
         upload_mode=config["upload-mode"],
         gamma=gamma if gamma > 0 else None,
+        max_update=config["max-update"],
         tau=config["tau"],
         dp_epsilon=epsilon if epsilon > 0 else None,
         svt_split=config["svt-split"],

@@ -101,6 +101,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         radius=config["radius"] if config["score-mode"] == "radius" else None,
         max_per_sample=config["max-per-sample"],
         threshold_multiple=config["threshold-multiple"],
+        max_count_per_node=config["max-client-count"],
         selector=selector,
         fit_fn=cloud.fit,
         finetune_fn=cloud.finetune if finetune_enabled(config) else None,
@@ -175,6 +176,7 @@ def _report(
                 "answered": int(query["answered"]),
                 "rejected": [str(e) for e in result.rejected["query"]],
                 "refused": {str(k): v for k, v in result.refused.items()},
+                "clipped": result.clipped,
                 "extractor-bytes": extractor.num_bytes(),
             }
         )
@@ -216,6 +218,7 @@ def _report(
         "delta",
         "score-mode",
         "threshold-multiple",
+        "max-client-count",
         "extractor",
         "cloud-epochs",
         "model",

@@ -107,7 +107,14 @@ class Dssgd(Strategy):
         How a participant picks its upload: "largest" (the theta_u largest gradients) or
         "threshold" (random ones above `tau`).
     gamma : float, optional (default: None)
-        Clip bound of uploaded values; None uploads unclipped values. Required with DP.
+        Clip bound of uploaded values; None uploads unclipped values. Required with DP. The
+        server rejects an upload holding a value beyond it.
+    max_update : float (default: 1.0)
+        Without `gamma`: the largest |value| the server accepts in an upload (an upload with a
+        value beyond it is rejected, naming the node). An honest value is one weight's change
+        over one local epoch (learning rate times summed gradients): at most 0.35 measured on
+        the tiny test scenario (paper-mlp, 5 epochs); a value of 1e30 would overflow the
+        global model. Finite and > 0.
     tau : float (default: 0.0)
         Selection threshold of the "threshold" mode and of the SVT; finite and >= 0.
     dp_epsilon : float, optional (default: None)
@@ -143,6 +150,7 @@ class Dssgd(Strategy):
         schedule: str = "round-robin",
         upload_mode: str = "largest",
         gamma: float | None = None,
+        max_update: float = 1.0,
         tau: float = 0.0,
         dp_epsilon: float | None = None,
         svt_split: str = "published",
@@ -165,6 +173,8 @@ class Dssgd(Strategy):
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if gamma is not None and not (math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"gamma must be positive and finite (None: no clipping), got {gamma}")
+        if not (math.isfinite(max_update) and max_update > 0):
+            raise ValueError(f"max_update must be positive and finite, got {max_update}")
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be finite and >= 0, got {tau}")
         if dp_epsilon is not None:
@@ -185,6 +195,7 @@ class Dssgd(Strategy):
         self.theta_u, self.theta_d = float(theta_u), float(theta_d)
         self.schedule, self.upload_mode = schedule, upload_mode
         self.gamma, self.tau = gamma, float(tau)
+        self.max_update = float(max_update)
         self.dp_epsilon, self.svt_split = dp_epsilon, svt_split
         self.beta, self.decay_every = beta, int(decay_every)
         self.min_clients, self.evaluate_every = int(min_clients), int(evaluate_every)
@@ -292,7 +303,9 @@ class Dssgd(Strategy):
             if self.private
             else "none"
         )
-        gamma = "none" if self.gamma is None else f"{self.gamma:g}"
+        gamma = (
+            f"none (max update {self.max_update:g})" if self.gamma is None else f"{self.gamma:g}"
+        )
         log(INFO, "\t├── DSSGD schedule: %s", self.schedule)
         log(
             INFO,
@@ -514,11 +527,15 @@ class Dssgd(Strategy):
             )
         except InvalidUpdateError as exc:
             raise InvalidReplyError(node, f"bad upload: {exc}") from exc
-        if self.gamma is not None and update.values.size:
+        if update.values.size:  # finite (validate_sparse_update) and within the bound
             largest = float(np.max(np.abs(update.values)))
-            if largest > self.gamma * (1 + _GAMMA_SLACK):
+            if self.gamma is not None and largest > self.gamma * (1 + _GAMMA_SLACK):
                 raise InvalidReplyError(
                     node, f"bad upload: value {largest:g} outside the clip bound {self.gamma:g}"
+                )
+            if self.gamma is None and largest > self.max_update:
+                raise InvalidReplyError(
+                    node, f"bad upload: value {largest:g} beyond max_update {self.max_update:g}"
                 )
         client = self._client_of(reply)
         found = {"epsilon-epoch": metric(reply, "epsilon-epoch", low=0.0)}

@@ -6,7 +6,8 @@ One round of the protocol (`num_rounds` repeats it; each repeat is a fresh, char
 
 1. `query.ecos` to the sampled nodes (centroids, score settings, the extractor for nodes that
    lack it); malformed replies are rejected naming the node and the round goes on without them;
-2. the accepted scores are summed, clipped and noise-thresholded;
+2. each accepted score vector is clipped to the public per-node bound (`max_count_per_node`);
+   the vectors are summed, clipped at zero and noise-thresholded;
 3. `selector` (ECOS's own `EcosSampler` over those scores unless another is given) picks
    `budget` pool indices;
 4. `fit_fn(selection)` trains the model in the cloud (default: supervised training on the
@@ -44,6 +45,7 @@ from ecos_flower.strategy.ecos_query import (
     ExtractorDelivery,
     QuerySettings,
     QueryTally,
+    ScoreBound,
     query_messages,
 )
 from ecos_flower.strategy.evaluation import EvaluationTally, evaluate_messages
@@ -77,8 +79,9 @@ class EcosResult(Result):
     Fields beyond Flower's: `selection` (the last round's pool indices), `node_to_client`,
     `rejected` (phase "query" / "evaluate" -> the rejected replies, node named), `refused`
     (node -> the client's stated reason for refusing the query), `dropped` (who dropped out of
-    which round and why), `finetune` (fine-tuning extras: accuracy before the refit, Opacus'
-    epsilon, refusals) and `phase_seconds`."""
+    which round and why), `clipped` (whose score vector exceeded the per-node bound, by how
+    much: one JSON-ready dict per node and round), `finetune` (fine-tuning extras: accuracy
+    before the refit, Opacus' epsilon, refusals) and `phase_seconds`."""
 
     selection: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     node_to_client: dict[int, int] = field(default_factory=dict)
@@ -87,6 +90,7 @@ class EcosResult(Result):
     )
     refused: dict[int, str] = field(default_factory=dict)
     dropped: list[dict[str, object]] = field(default_factory=list)
+    clipped: list[dict[str, object]] = field(default_factory=list)
     finetune: dict[str, object] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -167,6 +171,14 @@ class Ecos(Strategy):
         Most centroids one client sample may count for (>= 1); sets the query's sensitivity.
     threshold_multiple : float, default 2.0
         Aggregated scores below this many aggregate-noise stds are zeroed (>= 0; 0: off).
+    max_count_per_node : int, default 1000
+        The most samples any one client holds (public, declared; >= 1). Bounds what one node's
+        score vector can weigh: each entry is clipped to [-6 sigma, max_count_per_node +
+        6 sigma] and the positive mass to max_count_per_node * max_per_sample plus the noise's
+        (see `ecos_query.ScoreBound`), so one node moves the selection by at most one full
+        client's share. Clipping the noisy vector is post-processing (no privacy cost); a
+        clipped node is listed in the result's `clipped`. The default is over twice the largest
+        client of the project's scenarios (~470 samples).
     selector : Sampler, optional
         Replaces ECOS's query-driven selection with another (Random, K-Center, In-domain):
         `selector.select(budget)` picks the pool indices and no query is sent.
@@ -209,6 +221,7 @@ class Ecos(Strategy):
         radius: float | None = None,
         max_per_sample: int = 1,
         threshold_multiple: float = 2.0,
+        max_count_per_node: int = 1000,
         selector: Sampler | None = None,
         fit_fn: FitFn | None = None,
         finetune_fn: FinetuneFn | None = None,
@@ -231,6 +244,7 @@ class Ecos(Strategy):
             max_per_sample=_integer("max_per_sample", max_per_sample, low=1),
         )
         self._threshold_multiple = _number("threshold_multiple", threshold_multiple, low=0.0)
+        self._max_count = _integer("max_count_per_node", max_count_per_node, low=1)
         self._fraction_query = _fraction("fraction_query", fraction_query)
         self._fraction_evaluate = _fraction("fraction_evaluate", fraction_evaluate)
         self._min_available_nodes = _integer("min_available_nodes", min_available_nodes, low=0)
@@ -307,6 +321,7 @@ class Ecos(Strategy):
                 "\t├── Noise-aware threshold: %g x aggregate noise std",
                 self._threshold_multiple,
             )
+            log(INFO, "\t├── Per-node score bound: %d samples", self._max_count)
         log(
             INFO,
             "\t└── Budget: %d; query %.2f / evaluate %.2f of the nodes, at least %d answers",
@@ -438,6 +453,8 @@ class Ecos(Strategy):
             compression.num_clusters,
             noise=self._settings.noise,
             threshold_multiple=self._threshold_multiple,
+            bound=ScoreBound.for_query(self._max_count, self._settings),
+            known_clients=result.node_to_client,
         )
         tally.add(grid.send_and_receive(messages, timeout=timeout))
         digest = messages[0].content["ecos"]["extractor-hash"] if messages else ""
@@ -456,6 +473,16 @@ class Ecos(Strategy):
         result.refused.update(refused)
         for node, client in tally.node_to_client.items():
             result.node_to_client[node] = client
+        result.clipped += [
+            {
+                "phase": "query",
+                "round": int(server_round),
+                "node": int(node),
+                "client": tally.node_to_client.get(node),
+                "reason": reason,
+            }
+            for node, reason in sorted(tally.clipped.items())
+        ]
         answered = len(tally.scores)
         if answered == 0:
             listed = "; ".join(f"node {n}: {r}" for n, r in refused.items())
@@ -504,7 +531,9 @@ class Ecos(Strategy):
             finetune=finetune,
         )
         tally = EvaluationTally(
-            finetune=finetune is not None, sent_to=[m.metadata.dst_node_id for m in messages]
+            finetune=finetune is not None,
+            sent_to=[m.metadata.dst_node_id for m in messages],
+            known_clients=result.node_to_client,
         )
         tally.add(grid.send_and_receive(messages, timeout=timeout))
         result.dropped += tally.dropped(server_round)

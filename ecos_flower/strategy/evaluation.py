@@ -22,6 +22,26 @@ from ecos_flower.flower.validation import (
 )
 
 
+def claimed_client(reply: Message, known: Mapping[int, int]) -> int:
+    """The reply's `partition-id`: an integer >= 0, the same this node claimed before (`known`:
+    node -> partition id, earlier rounds and this one) and claimed by no other node; otherwise
+    InvalidReplyError (a duplicate claim names both nodes)."""
+    node = reply.metadata.src_node_id
+    value = metric(reply, "partition-id", low=0)
+    if not value.is_integer():
+        raise InvalidReplyError(node, f"partition-id {value:g} is not an integer")
+    client = int(value)
+    before = known.get(node)
+    if before is not None and before != client:
+        raise InvalidReplyError(node, f"partition-id changed from {before} to {client}")
+    for other, other_client in known.items():
+        if other != node and other_client == client:
+            raise InvalidReplyError(
+                node, f"partition-id {client} is already claimed by node {other}"
+            )
+    return client
+
+
 def evaluate_messages(
     arrays: ArrayRecord,
     config: ConfigRecord,
@@ -42,61 +62,77 @@ def evaluate_messages(
 class EvaluationTally(ReplyTally):
     """The validated replies of one evaluate round.
 
-    Read-only views: `accuracy` (client -> test accuracy in [0, 1]), `evaluated_nodes`,
-    `node_to_client`, `rejected`, and after fine-tuning `epsilon_spent` (client -> ledger total
-    the client reported after its DP refit) and `finetune_summary()`."""
+    Everything is kept per node; a node's partition id is checked against what it (and every
+    other node) claimed before (`known_clients`, e.g. the query round's node -> client map) and in
+    this round, so no node can overwrite another client's figures. Read-only views: `accuracy`
+    (client -> test accuracy in [0, 1]), `evaluated_nodes`, `node_to_client`, `rejected`, and
+    after fine-tuning `epsilon_spent` (client -> ledger total the client reported after its DP
+    refit) and `finetune_summary()`."""
 
-    def __init__(self, *, finetune: bool = False, sent_to: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        finetune: bool = False,
+        sent_to: Iterable[int] = (),
+        known_clients: Mapping[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.finetune = bool(finetune)
         self.sent_to = list(sent_to)
-        self._accuracy: dict[int, float] = {}
-        self._evaluated: set[int] = set()
-        self._received: dict[int, float] = {}
-        self._opacus: dict[int, float] = {}
-        self._finetune_refused: dict[int, str] = {}
+        self._known: dict[int, int] = dict(known_clients or {})
+        self._accuracy: dict[int, float] = {}  # node -> accuracy
+        self._received: dict[int, float] = {}  # node -> accuracy before the refit
+        self._opacus: dict[int, float] = {}  # node -> Opacus' epsilon
+        self._finetune_refused: dict[int, str] = {}  # node -> reason
 
     def add(self, replies: Iterable[Message]) -> MetricRecord | None:
-        """Validate the replies (first per node; accuracy a number in [0, 1]); returns the mean
-        accuracy over every client accepted so far, or None if none was."""
+        """Validate the replies (first per node; accuracy a number in [0, 1]; partition id
+        consistent and unique); returns the mean accuracy over every client accepted so far, or
+        None if none was."""
         replies = list(replies)
         kept, duplicates = first_reply_per_node(replies)
         self._reject(duplicates)
+        accepted = []
         for reply in kept:
+            node = reply.metadata.src_node_id
             try:
+                if node in self._accuracy:
+                    raise InvalidReplyError(node, "already evaluated in this round")
                 accuracy = metric(reply, "accuracy", low=0.0, high=1.0)
-                client = int(metric(reply, "partition-id", low=0))
+                client = claimed_client(reply, self._known)
             except InvalidReplyError as exc:
                 self._reject([exc])
                 continue
-            self._accuracy[client] = accuracy
-            self._evaluated.add(reply.metadata.src_node_id)
-            self._clients.setdefault(reply.metadata.src_node_id, client)
+            self._accuracy[node] = accuracy
+            self._known[node] = client
+            self._clients[node] = client
+            accepted.append(reply)
         if self.finetune:
-            self._add_finetune(kept)
+            self._add_finetune(accepted)
         if not self._accuracy:
             return None
         return MetricRecord({"accuracy": float(np.mean(list(self._accuracy.values())))})
 
-    def _add_finetune(self, kept: list[Message]) -> None:
-        """Each fine-tuned client's ledger total, its accuracy before the refit, Opacus' epsilon
+    def _add_finetune(self, accepted: list[Message]) -> None:
+        """Each fine-tuned node's ledger total, its accuracy before the refit, Opacus' epsilon
         or its refusal; only for replies whose evaluation was accepted."""
-        for reply in kept:
-            if reply.metadata.src_node_id not in self._evaluated:
-                continue
+        for reply in accepted:
+            node = reply.metadata.src_node_id
             try:
-                client = int(metric(reply, "partition-id", low=0))
-                self._received[client] = metric(reply, "accuracy-received", low=0.0, high=1.0)
+                self._received[node] = metric(reply, "accuracy-received", low=0.0, high=1.0)
                 if metric(reply, "finetuned", low=0, high=1) == 1:
-                    self._spent[client] = metric(reply, "epsilon-spent", low=0.0)
-                    self._opacus[client] = metric(reply, "finetune-epsilon-opacus", low=0.0)
+                    self._spent[node] = metric(reply, "epsilon-spent", low=0.0)
+                    self._opacus[node] = metric(reply, "finetune-epsilon-opacus", low=0.0)
                 else:
                     reason = reply.content.get("finetune-refusal")
-                    self._finetune_refused[client] = (
+                    self._finetune_refused[node] = (
                         str(reason["reason"]) if reason is not None else "refused"
                     )
             except InvalidReplyError as exc:
                 self._reject([exc])
+
+    def _by_client(self, values: Mapping[int, object]) -> dict[int, object]:
+        return {self._clients[node]: value for node, value in values.items()}
 
     def finetune_summary(self) -> dict[str, object]:
         """Report extras of a fine-tuning round (empty without one): mean accuracy before the
@@ -109,7 +145,9 @@ class EvaluationTally(ReplyTally):
                 float(np.mean(list(received.values()))) if received else None
             ),
             "finetune-epsilon-opacus": max(opacus.values()) if opacus else None,
-            "finetune-refused": {str(c): r for c, r in self._finetune_refused.items()},
+            "finetune-refused": {
+                str(c): r for c, r in self._by_client(self._finetune_refused).items()
+            },
         }
 
     def dropped(self, server_round: int = 1) -> list[dict[str, object]]:
@@ -118,18 +156,23 @@ class EvaluationTally(ReplyTally):
             "evaluate",
             server_round,
             self.sent_to,
-            self._evaluated,
+            set(self._accuracy),
             self._rejected,
-            self._clients,
+            {**self._known, **self._clients},
         )
 
     @property
     def accuracy(self) -> Mapping[int, float]:
-        return dict(self._accuracy)
+        """Client (partition id) -> accuracy; one node per client (claims are unique)."""
+        return self._by_client(self._accuracy)  # type: ignore[return-value]
+
+    @property
+    def epsilon_spent(self) -> Mapping[int, float]:
+        return self._by_client(self._spent)  # type: ignore[return-value]
 
     @property
     def evaluated_nodes(self) -> frozenset[int]:
-        return frozenset(self._evaluated)
+        return frozenset(self._accuracy)
 
 
 def evaluate_round(
