@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> RunReport:
 
 def compare(args: argparse.Namespace) -> None:
     """Run several methods on one scenario over seeds; write results.json, results.md, plots."""
-    from ecos_flower.compare import run_compare, table_markdown
+    from ecos_flower.compare import LOG_NAME, run_compare, table_markdown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    budgets = args.budgets or None
     records = run_compare(
         args.scenario,
         methods,
@@ -79,9 +79,13 @@ def compare(args: argparse.Namespace) -> None:
         budgets=budgets,
         engine=args.engine,
         overrides=parse_overrides(args.set or []),
+        verbose=args.verbose,
     )
-    print(table_markdown(records))
-    print(f"results in {args.out}: results.json, results.md, accuracy-vs-*.png")
+    print(table_markdown(records, aligned=True))
+    print(
+        f"results in {args.out}: results.json, results.md, accuracy-vs-*.png; "
+        f"log in {Path(args.out) / LOG_NAME}"
+    )
 
 
 def montage(args: argparse.Namespace) -> None:
@@ -92,6 +96,41 @@ def montage(args: argparse.Namespace) -> None:
     scenario = load_scenario(resolve_path(args.scenario, "scenario"))
     save_domain_montage(scenario, Path(args.output))
     print(f"wrote {args.output}")
+
+
+def export_shards(args: argparse.Namespace) -> None:
+    """Write each client shard of a scenario as a per-node ImageFolder tree (PNG files)."""
+    from ecos_flower.data.node_data import export_shards as write_shards
+
+    scenario = resolve_path(args.scenario, "scenario")
+    folders = write_shards(scenario, Path(args.out), train_only=args.train_only)
+    for folder in folders:
+        print(f"wrote {folder}")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,28 +152,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="drive the apps in this process instead of Ray (fast, for debugging)",
     )
     run_parser.set_defaults(func=run)
-    compare_parser = sub.add_parser("compare", help="compare methods on a scenario")
-    compare_parser.add_argument("scenario", nargs="?", default="simulations/embedded.toml")
+    compare_parser = sub.add_parser(
+        "compare",
+        help="compare methods on a scenario",
+        description="Run every method on one scenario for every seed (and budget); write "
+        "results.json, results.md and plots into --out. The console shows a progress bar and "
+        "the table; Flower's log, warnings and Ray's output go to OUT/compare.log.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    compare_parser.add_argument(
+        "scenario",
+        nargs="?",
+        default="simulations/embedded.toml",
+        help="scenario TOML (relative to the working directory or the project root)",
+    )
     compare_parser.add_argument(
         "--methods",
         default="ecos,random,kcenter,dssgd,fedavg",
         help="comma-separated preset names from strategies/",
     )
-    compare_parser.add_argument("--seeds", type=int, default=1)
-    compare_parser.add_argument("--budgets", help="comma-separated budgets for sampling methods")
-    compare_parser.add_argument("--engine", choices=("ray", "in-process"), default="ray")
+    compare_parser.add_argument(
+        "--seeds", type=positive_int, default=1, help="runs per method: seeds 0 .. N-1"
+    )
+    compare_parser.add_argument(
+        "--budgets",
+        type=positive_int_list,
+        help="comma-separated budgets to sweep for the sampling methods "
+        "(default: each preset's budget)",
+    )
+    compare_parser.add_argument(
+        "--engine",
+        choices=("ray", "in-process"),
+        default="ray",
+        help="Flower's Ray simulation, or the same apps driven in this process",
+    )
     compare_parser.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override one run-config key for every method",
+        help="override one run-config key for every method (repeatable; default: none)",
     )
-    compare_parser.add_argument("--out", default="results/compare")
+    compare_parser.add_argument(
+        "--out", default="results/compare", help="folder for the results and compare.log"
+    )
+    compare_parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Flower's log, warnings and Ray's output on the terminal "
+        "(default: only in OUT/compare.log)",
+    )
     compare_parser.set_defaults(func=compare)
     montage_parser = sub.add_parser("montage", help="PNG of a scenario's domains")
     montage_parser.add_argument("scenario")
     montage_parser.add_argument("output")
     montage_parser.set_defaults(func=montage)
+    export_parser = sub.add_parser(
+        "export-shards",
+        help="write each client shard as OUT/node-<i>/<class>/<n>.png (a node's own `data`)",
+    )
+    export_parser.add_argument("scenario")
+    export_parser.add_argument("out")
+    export_parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="only each shard's train part (default: train and test, the node splits itself)",
+    )
+    export_parser.set_defaults(func=export_shards)
     return parser
 
 

@@ -4,6 +4,7 @@ sampling methods); writes results.json (one record per run), results.md (mean ±
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import tomllib
@@ -18,11 +19,13 @@ if TYPE_CHECKING:  # matplotlib is imported only when plotting
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-from ecos_flower.data import load_scenario
-from ecos_flower.flower.engines import run_once
+from ecos_flower.console import logs_to_file
+from ecos_flower.data import DataError, Scenario, load_scenario
+from ecos_flower.flower.engines import ENGINES, run_once
 from ecos_flower.flower.report import RunReport, _json_safe
 from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config, resolve_path
 
+LOG_NAME = "compare.log"  # in the output folder: Flower's log, warnings, Ray's output
 SAMPLING = ("ecos", "oracle", "random", "kcenter", "in-domain")
 # The keys every record has (the schema documented in the README; keep it stable).
 RECORD_KEYS = (
@@ -80,6 +83,16 @@ def to_record(report: RunReport, preset: str, budget: int | None) -> dict[str, A
     return record
 
 
+def check_data_paths(scenario: Scenario) -> None:
+    """Every domain's data path exists (DataError naming the scenario, the domain and the path):
+    checked before anything starts, so a typo does not surface inside a simulated client."""
+    for domain in scenario.domains:
+        if domain.path is not None and not domain.path.exists():
+            raise DataError(
+                f"{scenario.source}: domain {domain.name!r}: data path {domain.path} does not exist"
+            )
+
+
 def run_compare(
     scenario: str | Path,
     methods: Sequence[str],
@@ -89,16 +102,32 @@ def run_compare(
     budgets: Sequence[int] | None = None,
     engine: str = "ray",
     overrides: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every (method, budget, seed); write results.json after each run (so nothing is lost
-    if a later run fails), then results.md and the plots. Returns the records."""
+    if a later run fails), then results.md and the plots. Returns the records.
+
+    Everything is validated before `out` is created: the seeds, every method name and setting,
+    the scenario and its data paths. The console shows one progress bar; Flower's log, Python
+    warnings and Ray's output go to `out`/compare.log (`verbose`: they print as well)."""
     from tqdm import tqdm
 
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if budgets is not None and any(not isinstance(b, int) or b < 1 for b in budgets):
+        raise ValueError(f"budgets must be integers >= 1, got {list(budgets)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     scenario_path = resolve_path(scenario, "scenario")
-    num_clients = load_scenario(scenario_path).num_clients
     layers = {m: preset_config(m) for m in methods}  # validate every name before running
     # Every preset with the overrides, validated before any run (errors name the bad key).
     checked = {m: merge_run_config(layers[m], overrides or {}) for m in methods}
+    data_roots = {checked[m]["data-root"] or None for m in methods}
+    num_clients = 0
+    for data_root in sorted(data_roots, key=str):
+        parsed = load_scenario(scenario_path, data_root)
+        check_data_paths(parsed)
+        num_clients = parsed.num_clients
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = []
@@ -108,29 +137,32 @@ def run_compare(
             for seed in range(seeds):
                 plan.append((method, budget, seed))
     records: list[dict[str, Any]] = []
-    progress = tqdm(plan, desc="compare", unit="run")
-    for method, budget, seed in progress:
-        label = method if budget is None else f"{method} B={budget}"
-        progress.set_postfix_str(f"{label} seed {seed}")
-        # The swept budget and seed win over the preset and the overrides.
-        swept = {"scenario": str(scenario_path), "seed": seed}
-        if budget is not None:
-            swept["budget"] = budget
-        config = merge_run_config(layers[method], overrides or {}, swept)
-        start = time.time()
-        report = run_once(config, num_clients, engine)
-        report.wall_s = time.time() - start
-        records.append(
-            to_record(
-                report,
-                method,
-                config["budget"] if config["method"] in SAMPLING else None,
+    with logs_to_file(out / LOG_NAME, verbose=verbose) as console:
+        progress = tqdm(plan, desc="compare", unit="run", file=console, dynamic_ncols=True)
+        for method, budget, seed in progress:
+            label = method if budget is None else f"{method} B={budget}"
+            progress.set_postfix_str(f"{label} seed {seed}")
+            logging.getLogger("flwr").info("compare: %s, seed %d", label, seed)
+            # The swept budget and seed win over the preset and the overrides.
+            swept = {"scenario": str(scenario_path), "seed": seed}
+            if budget is not None:
+                swept["budget"] = budget
+            config = merge_run_config(layers[method], overrides or {}, swept)
+            start = time.time()
+            report = run_once(config, num_clients, engine)
+            report.wall_s = time.time() - start
+            records.append(
+                to_record(
+                    report,
+                    method,
+                    config["budget"] if config["method"] in SAMPLING else None,
+                )
             )
-        )
-        (out / "results.json").write_text(json.dumps(records, indent=2))
-    command = compare_command(scenario_path, methods, seeds, budgets, engine, overrides, out)
-    write_table(records, out / "results.md", scenario_path, command)
-    write_plots(records, out)
+            (out / "results.json").write_text(json.dumps(records, indent=2))
+        progress.close()
+        command = compare_command(scenario_path, methods, seeds, budgets, engine, overrides, out)
+        write_table(records, out / "results.md", scenario_path, command)
+        write_plots(records, out)  # matplotlib's warnings, if any, go to the log too
     return records
 
 
@@ -164,9 +196,10 @@ def _mean_compute(record: dict[str, Any]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def table_markdown(records: list[dict[str, Any]]) -> str:
+def table_markdown(records: list[dict[str, Any]], *, aligned: bool = False) -> str:
     """Methods as rows: accuracy (%) and domain precision mean ± std over seeds, epsilon per
-    client (max over seeds), bytes up/down per client (mean), client compute and wall time."""
+    client (max over seeds), bytes up/down per client (mean), client compute and wall time.
+    `aligned`: cells padded to their column's width (the same table, readable on a terminal)."""
     header = (
         "| method | budget | seeds | accuracy (%) | domain precision | epsilon (delta) | "
         "bytes up / client | bytes down / client | client compute (s) | wall (s) |"
@@ -186,7 +219,24 @@ def table_markdown(records: list[dict[str, Any]]) -> str:
             f"{np.mean([_mean_compute(r) for r in group]):.2f} | "
             f"{np.mean([r['wall_s'] for r in group]):.1f} |"
         )
-    return "\n".join(lines)
+    return _align(lines) if aligned else "\n".join(lines)
+
+
+def _align(lines: list[str]) -> str:
+    """A markdown table with every column padded to its widest cell (text left, numbers right)."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    widths = [max(len(row[i]) for row in rows if row[i] != "---") for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        if all(cell == "---" for cell in row):
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            continue
+        cells = [
+            cell.ljust(width) if i == 0 or row is rows[0] else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def compare_command(

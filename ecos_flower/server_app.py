@@ -13,6 +13,7 @@ from flwr.supercore import log
 from threadpoolctl import threadpool_limits
 
 from ecos_flower.data import load_federation, load_scenario
+from ecos_flower.data.node_data import format_class_names
 from ecos_flower.flower.applications import run_dp_linear_probe
 from ecos_flower.flower.baselines_run import run_centralized, run_dp_fedavg, run_local
 from ecos_flower.flower.dssgd_run import run_dssgd
@@ -56,9 +57,15 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
         )
     config["num-clients"] = len(nodes)
     # The label space every client is told (the pool's classes); no client assumes a default.
-    config["num-classes"] = load_federation(
+    federation = load_federation(
         config["scenario"], data_root=config["data-root"] or None, num_clients=len(nodes)
-    ).num_classes
+    )
+    config["num-classes"] = federation.num_classes
+    # Not run-config keys: what a node reading its own data needs (the label space by name,
+    # in label order, and the image shape it must resize to).
+    config["class-names"] = format_class_names(federation.class_names)
+    config["image-size"] = federation.scenario.image_size
+    config["channels"] = federation.scenario.channels
     # BLAS/OpenMP pools (scikit-learn's K-means, numpy) get the same thread count as torch:
     # on small shared machines their default of one thread per core ran K-means 8x slower.
     with threadpool_limits(limits=config["torch-threads"]):

@@ -229,6 +229,7 @@ def answer_finetune_evaluate(
         raise QueryRejected("message has no ConfigRecord 'config' and ArrayRecord 'arrays'")
     task_model = read_model_config(config, context.node_config)
     boundary.admit("evaluation-metrics")
+    check_source(config, context.node_config, load_data)
     spent = noise = spec = None
     try:
         spec = read_finetune_spec(msg.content.get("finetune"), context.node_config)

@@ -2,8 +2,17 @@
 
 Every handler takes a `load_data(config, node_config) -> ClientShard` callable (`LoadData`): the
 message's client config and the node's own config in, the node's train and test splits out. The
-default, `client_shard`, reads the project's scenarios (the scenario named by the node config or
-the message, the shard given by the node's `partition-id`); a Flower user passes their own.
+default, `client_shard`, reads either
+
+* the node's OWN data (deployment): node config `data = "/srv/images"` names an ImageFolder tree
+  or an `.npz` (see ecos_flower/data/node_data.py); the node splits it into train/test with its
+  node config `split-seed` (default 0) and `test-fraction` (default 0.25), resizes it to the
+  message's `image-size` / `channels` and maps its labels by name into the message's
+  `class-names`. Nothing else is read: no scenario, no `partition-id`;
+* or, without `data`, the project's scenarios (simulation): the scenario named by the node config
+  or the message, the shard given by the node's `partition-id`.
+
+A Flower user passes their own `load_data`.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ecos_flower.data import ClientShard, load_federation
+from ecos_flower.data.node_data import check_node_data, load_node_data, parse_class_names
 
 LoadData = Callable[[Mapping[str, Any], Mapping[str, Any]], ClientShard]
 """`load_data(config, node_config) -> ClientShard`: this node's data for one message."""
@@ -20,18 +30,78 @@ LoadData = Callable[[Mapping[str, Any], Mapping[str, Any]], ClientShard]
 def check_data_source(
     config: Mapping[str, Any], node_config: Mapping[str, Any], load_data: LoadData | None = None
 ) -> None:
-    """Raise ValueError unless the node config or the message names a scenario (checked before a
-    charge: it depends on the configuration and the message only, not on the data). Only for
-    the scenario loader: another `load_data` is the user's, and not checked here."""
+    """Raise ValueError unless this node has a data source (checked before a charge). With node
+    config `data`: the message must carry a sane label space and image shape, and the node's
+    class names (its folder listing or npz `class_names`: node-owned metadata, never a record)
+    must be a subset of the server's. Otherwise the node config or the message must name a
+    scenario. Only for the project's loader: another `load_data` is the user's, not checked."""
     if load_data is not None and load_data is not client_shard:
+        return
+    if node_data_path(node_config):
+        check_node_data(node_data_path(node_config), _node_data_task(config)["class_names"])
         return
     if not str(node_config.get("scenario") or config.get("scenario") or ""):
         raise ValueError("no scenario: set `scenario` in the run config or the node config")
 
 
+def node_data_path(node_config: Mapping[str, Any]) -> str:
+    """The node config's `data` (the node's own data), or "" when it has none."""
+    return str(node_config.get("data") or "")
+
+
+def _node_data_task(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What node-owned data needs from the server's message: class names, image size, channels
+    (ValueError if absent or malformed; message-only)."""
+    missing = [k for k in ("class-names", "image-size", "channels") if k not in config]
+    if missing:
+        raise ValueError(
+            f"the server's config has no {', '.join(missing)}: a node with its own `data` needs "
+            "the run's label space and image shape (a server of this project sends them)"
+        )
+    names = parse_class_names(config["class-names"])
+    size, channels = config["image-size"], config["channels"]
+    for key, value in (("image-size", size), ("channels", channels)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"the server's {key} must be an integer, got {value!r}")
+    if not 1 <= size <= 4096 or channels not in (1, 3):
+        raise ValueError(f"the server's image-size {size} / channels {channels} are out of range")
+    num_classes = config.get("num-classes")
+    if num_classes is not None and num_classes != len(names):
+        raise ValueError(
+            f"the server's num-classes {num_classes!r} differs from its {len(names)} class-names"
+        )
+    return {"class_names": names, "image_size": size, "channels": channels}
+
+
+def _node_float(node_config: Mapping[str, Any], key: str, default: float) -> float:
+    value = node_config.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {key} must be a number, got {value!r}") from None
+
+
+def own_data_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientShard:
+    """The node's own data (node config `data`): split by its `split-seed` / `test-fraction`,
+    in the message's label space and image shape. Reads nothing else."""
+    task = _node_data_task(config)
+    seed = _node_float(node_config, "split-seed", 0)
+    if seed != int(seed) or seed < 0:
+        raise ValueError(f"node config split-seed must be a non-negative integer, got {seed}")
+    return load_node_data(
+        node_data_path(node_config),
+        split_seed=int(seed),
+        test_fraction=_node_float(node_config, "test-fraction", 0.25),
+        **task,
+    )
+
+
 def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientShard:
-    """This node's shard: scenario from its node config if set (deployment), else from the server's
-    message config (simulation); the shard index is the node's `partition-id`."""
+    """This node's data: its own (node config `data`) if set, reading nothing else; otherwise
+    a scenario shard: the scenario from its node config if set, else from the server's message
+    config (simulation); the shard index is the node's `partition-id`."""
+    if node_data_path(node_config):
+        return own_data_shard(config, node_config)
     scenario = str(node_config.get("scenario") or config.get("scenario") or "")
     if not scenario:
         raise ValueError("no scenario: set `scenario` in the run config or the node config")

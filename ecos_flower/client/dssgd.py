@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
-from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.data import LoadData, check_data_source, client_shard
 from ecos_flower.client.messages import DSSGD_CONFIG, DSSGD_EVALUATION, DSSGD_TASK, TaskRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.data import ClientShard
@@ -175,6 +175,10 @@ def answer_dssgd_train(
     epoch = task["epoch"]
     mechanism = "dssgd-svt" if dp_epsilon is not None else "dssgd-exact"
     boundary.admit(mechanism)
+    try:  # message and node metadata only (no record is read): before the charge
+        check_data_source(raw_config, context.node_config, load_data)
+    except ValueError as exc:
+        raise TaskRejected(str(exc)) from exc
     metrics: dict[str, float | int] = {**boundary.node_label()}
     index = node_index(context)
     seed = config["seed"]

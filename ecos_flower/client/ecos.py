@@ -10,6 +10,7 @@ fields are declared once, in `ecos_flower.client.messages.ECOS_QUERY`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,17 +20,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from ecos_flower.client.data import LoadData, check_data_source, client_shard
 from ecos_flower.client.messages import ECOS_QUERY, MAX_CENTROIDS, MAX_DIM, QueryRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
-from ecos_flower.ecos import (
-    FeatureExtractor,
-    coverage_scores,
-    extractor_from_arrays,
-    score_sensitivity,
-)
-from ecos_flower.flower.validation import checked_numpy
+from ecos_flower.ecos import FeatureExtractor, coverage_scores, score_sensitivity
+from ecos_flower.ecos.features import check_arrays_fit, extractor_class
+from ecos_flower.flower.validation import checked_numpy, declared_shape
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 from ecos_flower.privacy.ledger import PrivacyEvent
 
-# Bounds a client enforces before it allocates anything for a query (node config may change them).
+# Bounds a client enforces before it allocates anything for a query (node config may change them;
+# `torchvision-archs`, a comma-separated allow-list, is unset by default: any torchvision
+# classification architecture within `max-extractor-params`).
 DEFAULT_LIMITS = {
     MAX_CENTROIDS.key: int(MAX_CENTROIDS.default),
     MAX_DIM.key: int(MAX_DIM.default),
@@ -82,34 +81,21 @@ def read_extractor(
     msg: Message, context: Context, query: Mapping[str, Any], dim: int
 ) -> FeatureExtractor:
     """The feature extractor the parsed `query` names (its `extractor-hash`, `-kind` and
-    `-config`): from this message, or from the node's state if sent before; its output dimension
-    (where its weights tell it) must be the query's `dim`."""
-    extractor = _load_extractor(msg, context, query)
-    out = extractor.output_dim()
-    if out is not None and out != dim:
-        raise QueryRejected(f"extractor gives {out}-dimensional features, the query says dim={dim}")
-    return extractor
+    `-config`): from this message, or from the node's state if sent before.
 
-
-def _load_extractor(msg: Message, context: Context, query: Mapping[str, Any]) -> FeatureExtractor:
+    Nothing is built before the architecture passed the node's limits: its declared size
+    (`FeatureExtractor.declared_size`, from the config and the arrays' .npy headers alone) is
+    held against `max-extractor-params` and its output dimension against `max-dim` and the
+    query's `dim`; a torchvision architecture must be in the node's `torchvision-archs` (if
+    set); the shipped arrays' names and shapes must be the architecture's state dict (from a
+    meta-device module). Only then are the arrays decoded and the extractor built."""
     digest = query["extractor-hash"]
     if "extractor" in msg.content:
         record = msg.content["extractor"]
         if not isinstance(record, ArrayRecord):
             raise QueryRejected(f"extractor is a {type(record).__name__}, not an ArrayRecord")
-        budget = _limit(context.node_config, "max-extractor-params")
-        try:  # every header checked against what is left of the limit before decoding
-            arrays = {}
-            for name, array in record.items():
-                arrays[name] = checked_numpy(array, budget, f"extractor array {name!r}")
-                budget -= arrays[name].size
-        except ValueError as exc:
-            raise QueryRejected(f"{exc} (the node's extractor parameter limit)") from exc
         kind, config_text = query["extractor-kind"], query["extractor-config"]
-        try:
-            extractor = extractor_from_arrays(kind, arrays, json.loads(config_text))
-        except Exception as exc:  # whatever the extractor code raises on bad weights
-            raise QueryRejected(f"extractor does not load: {type(exc).__name__}: {exc}") from exc
+        extractor = _checked_extractor(record, kind, config_text, context.node_config, dim)
         # Kept only once it loaded: a bad extractor never replaces a good one in the state.
         context.state[EXTRACTOR_STATE_KEY] = record
         context.state[EXTRACTOR_STATE_KEY + "-config"] = ConfigRecord(
@@ -119,8 +105,85 @@ def _load_extractor(msg: Message, context: Context, query: Mapping[str, Any]) ->
     saved = context.state.get(EXTRACTOR_STATE_KEY + "-config")
     if saved is None or saved["hash"] != digest:
         raise QueryRejected("query names an extractor this node has not received")
-    arrays = {name: array.numpy() for name, array in context.state[EXTRACTOR_STATE_KEY].items()}
-    return extractor_from_arrays(str(saved["kind"]), arrays, json.loads(str(saved["config"])))
+    return _checked_extractor(
+        context.state[EXTRACTOR_STATE_KEY],
+        str(saved["kind"]),
+        str(saved["config"]),
+        context.node_config,
+        dim,
+    )
+
+
+def _allowed_archs(node_config: Mapping[str, Any]) -> list[str] | None:
+    """The node's `torchvision-archs` allow-list (comma-separated), or None if it sets none."""
+    value = node_config.get("torchvision-archs")
+    if value is None:
+        return None
+    return [name.strip() for name in str(value).split(",") if name.strip()]
+
+
+def _checked_extractor(
+    record: ArrayRecord,
+    kind: str,
+    config_text: str,
+    node_config: Mapping[str, Any],
+    dim: int,
+) -> FeatureExtractor:
+    try:
+        config = json.loads(config_text)
+        cls = extractor_class(kind, config)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise QueryRejected(f"extractor config refused: {exc}") from exc
+    if kind == "torchvision":
+        allowed = _allowed_archs(node_config)
+        if allowed is not None and config.get("arch") not in allowed:
+            raise QueryRejected(
+                f"torchvision architecture {config.get('arch')!r} is not in this node's "
+                f"torchvision-archs={','.join(allowed) or '(none)'}"
+            )
+    try:  # the .npy headers only: nothing is decoded yet
+        shapes = {
+            name: declared_shape(array, f"extractor array {name!r}")
+            for name, array in record.items()
+        }
+        parameters, output = cls.declared_size(config, shapes)
+    except ValueError as exc:
+        raise QueryRejected(f"extractor refused: {exc}") from exc
+    limit = _limit(node_config, "max-extractor-params")
+    if parameters > limit:
+        raise QueryRejected(
+            f"the {kind} extractor's architecture has {parameters} parameters, above this "
+            f"node's max-extractor-params={limit}"
+        )
+    max_dim = _limit(node_config, MAX_DIM.key)
+    if output is not None and output > max_dim:
+        raise QueryRejected(
+            f"the {kind} extractor gives {output}-dimensional features, above this node's "
+            f"{MAX_DIM.key}={max_dim}"
+        )
+    if output is not None and output != dim:
+        raise QueryRejected(
+            f"extractor gives {output}-dimensional features, the query says dim={dim}"
+        )
+    try:
+        check_arrays_fit(cls.declared_arrays(config, shapes), shapes)
+    except ValueError as exc:
+        raise QueryRejected(str(exc)) from exc
+    try:  # each array decoded at exactly its declared (and now checked) size
+        arrays = {
+            name: checked_numpy(array, math.prod(shapes[name]), f"extractor array {name!r}")
+            for name, array in record.items()
+        }
+    except ValueError as exc:
+        raise QueryRejected(str(exc)) from exc
+    try:
+        extractor = cls.from_arrays(arrays, config)
+    except Exception as exc:  # whatever the extractor code raises on bad weights
+        raise QueryRejected(f"extractor does not load: {type(exc).__name__}: {exc}") from exc
+    out = extractor.output_dim()
+    if out is not None and out != dim:
+        raise QueryRejected(f"extractor gives {out}-dimensional features, the query says dim={dim}")
+    return extractor
 
 
 def answer_ecos_query(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, ScenarioError
-from .loaders import load_domain
+from .loaders import domain_class_names, load_domain
 from .partition import dirichlet_partition, iid_partition, split_fraction
 from .scenario import Scenario, load_scenario
 from .types import ImageSet
@@ -38,6 +38,9 @@ class Federation:
     pool: ImageSet
     client_domain: str
     num_classes: int
+    class_names: tuple[str, ...] = ()
+    """Name of each label 0..num_classes-1 (an image-folder domain's folder names, else the
+    label's text: "0".."9" for the digit loaders); what the server tells the nodes."""
 
     @property
     def num_clients(self) -> int:
@@ -79,6 +82,26 @@ def check_label_sets(domains: dict[str, ImageSet]) -> frozenset[int]:
                 f"only in {name!r}: {only_b})"
             )
     return first
+
+
+def scenario_class_names(scenario: Scenario, num_classes: int) -> tuple[str, ...]:
+    """The name of each label 0..num_classes-1: the names the domains' sources define (an
+    image-folder tree's class folders), else the label's text. DataError if two domains name
+    one label differently (their folders list different classes)."""
+    names: dict[int, tuple[str, str]] = {}
+    for spec in scenario.domains:
+        for label, name in domain_class_names(spec.loader, spec.path).items():
+            if label in names and names[label][1] != name:
+                other, known = names[label]
+                raise DataError(
+                    f"class names differ across domains: label {label} is {known!r} in "
+                    f"{other!r} but {name!r} in {spec.name!r}"
+                )
+            names[label] = (spec.name, name)
+    result = tuple(names[i][1] if i in names else str(i) for i in range(num_classes))
+    if len(set(result)) != len(result):
+        raise DataError(f"class names are not unique: {list(result)}")
+    return result
 
 
 def _client_parts(scenario: Scenario, labels: np.ndarray) -> list[np.ndarray]:
@@ -145,6 +168,7 @@ def build_federation(scenario: Scenario) -> Federation:
         pool=pool,
         client_domain=scenario.client_domain,
         num_classes=max(labels) + 1,
+        class_names=scenario_class_names(scenario, max(labels) + 1),
     )
 
 

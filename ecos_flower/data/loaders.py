@@ -163,34 +163,69 @@ def _read_usps(name, path, options, size):
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-def _folder_label(folder: Path) -> int:
+def _integer_name(name: str) -> int | None:
+    """The non-negative integer a folder name spells (`"7"`), else None."""
     try:
-        label = int(folder.name)
+        value = int(name)
     except ValueError:
-        label = -1
-    if label < 0:
+        return None
+    return value if value >= 0 and name.strip() == name else None
+
+
+def folder_classes(root: Path) -> dict[str, int]:
+    """Class folder name -> label of an ImageFolder tree. Integer-named folders (0/, 1/, 10/) are
+    their integers; class-named folders (cat/, dog/) are their rank in sorted name order (as
+    torchvision's ImageFolder). A mix of both is refused (is `3/` label 3 or a name?)."""
+    names = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    ints = {name: _integer_name(name) for name in names}
+    if all(v is not None for v in ints.values()):
+        labels: dict[str, int] = {n: int(v) for n, v in ints.items() if v is not None}
+        seen: dict[int, str] = {}
+        for name, label in labels.items():
+            if label in seen:
+                raise DataError(
+                    f"{root}: class folders {seen[label]!r} and {name!r} both mean label {label}"
+                )
+            seen[label] = name
+        return labels
+    if any(v is not None for v in ints.values()):
+        bad = next(n for n, v in ints.items() if v is None)
         raise DataError(
-            f"{folder}: class folder names must be non-negative integer labels (0, 1, ..., 9)"
+            f"{Path(root) / bad}: class folder names must be either all non-negative integer "
+            "labels (0, 1, ..., 9) or all class names (cat, dog, ...), not a mix"
         )
-    return label
+    return {name: rank for rank, name in enumerate(names)}
 
 
-def _read_image_folder(name, path, options, size):
+def folder_class_names(root: Path) -> dict[int, str]:
+    """Label -> class name of an ImageFolder tree (integer folders: the integer's text)."""
+    return {
+        label: str(label) if _integer_name(name) is not None else name
+        for name, label in folder_classes(root).items()
+    }
+
+
+def read_image_tree(
+    root: Path, size: int, allow_empty: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image of an ImageFolder tree: (images float32 (N, C, H, W) in [0, 1], int64 index of
+    each image's class folder into the returned sorted folder names, those names). Images of
+    mixed sizes or modes are each brought to RGB `size` squares. An empty class folder is a
+    DataError unless `allow_empty`; a tree without any image always is."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
-    root = _require(path, name, "folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise DataError(f"domain {name!r}: folder {root} has no class sub-folders")
-    labels_of = {d.name: _folder_label(d) for d in class_dirs}
+    root = Path(root)
     ds = ImageFolder(str(root), allow_empty=True)
-    counts = {c: 0 for c in ds.classes}
-    for _, idx in ds.samples:
-        counts[ds.classes[idx]] += 1
-    for cls, count in counts.items():
-        if count == 0:
-            raise DataError(f"{root / cls}: empty class folder (no image files)")
+    if not allow_empty:
+        counts = {c: 0 for c in ds.classes}
+        for _, idx in ds.samples:
+            counts[ds.classes[idx]] += 1
+        for cls, count in counts.items():
+            if count == 0:
+                raise DataError(f"{root / cls}: empty class folder (no image files)")
+    if not ds.samples:
+        raise DataError(f"{root}: no image files in any class folder")
     arrays, labels = [], []
     for file, idx in ds.samples:
         try:
@@ -199,13 +234,31 @@ def _read_image_folder(name, path, options, size):
                 arrays.append(np.asarray(img))
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{file}: cannot read image: {exc}") from None
-        labels.append(labels_of[ds.classes[idx]])
+        labels.append(idx)
     y = torch.tensor(labels, dtype=torch.int64)
     if len({a.shape for a in arrays}) == 1:
-        return to_float_images(np.stack(arrays), 255.0), y
+        return to_float_images(np.stack(arrays), 255.0), y, list(ds.classes)
     # Mixed sizes or modes: bring each image to a common form one by one (RGB, `size` square).
     one = [standardize(to_float_images(a[None], 255.0), size, 3) for a in arrays]
-    return torch.cat(one), y
+    return torch.cat(one), y, list(ds.classes)
+
+
+def _read_image_folder(name, path, options, size):
+    root = _require(path, name, "folder")
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise DataError(f"domain {name!r}: folder {root} has no class sub-folders")
+    labels_of = folder_classes(root)
+    x, idx, classes = read_image_tree(root, size)
+    table = torch.tensor([labels_of[c] for c in classes], dtype=torch.int64)
+    return x, table[idx]
+
+
+def domain_class_names(loader: str, path: Path | None) -> dict[int, str]:
+    """Label -> class name a domain's source defines (an image-folder tree's folder names);
+    empty for the loaders whose labels are digits (their names are the labels' text)."""
+    if loader == "image-folder" and path is not None and Path(path).is_dir():
+        return folder_class_names(Path(path))
+    return {}
 
 
 LOADERS: dict[str, LoaderInfo] = {
@@ -252,7 +305,8 @@ LOADERS: dict[str, LoaderInfo] = {
     "image-folder": LoaderInfo(
         _read_image_folder,
         True,
-        "an ImageFolder tree: integer-named class folders (0/, 1/, ...) of images, grey or RGB",
+        "an ImageFolder tree of images, grey or RGB: integer-named class folders (0/, 1/, ...) "
+        "are those labels, class-named ones (cat/, dog/) their sorted rank",
         {"max-samples": MAX_SAMPLES},
     ),
 }

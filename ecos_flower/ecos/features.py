@@ -12,9 +12,12 @@ and clients rebuild it with `extractor_from_arrays`. Kinds:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ from ecos_flower.models.training import train_epochs
 
 EXTRACTOR_KINDS = ("supervised", "random", "pca", "torchvision")
 ImageBatch = np.ndarray | torch.Tensor
+Shapes = Mapping[str, tuple[int, ...]]
+"""Array name -> shape: what a peer's arrays declare (their .npy headers), before decoding."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,6 +63,39 @@ def _state_to_arrays(module: nn.Module) -> dict[str, np.ndarray]:
 def _load_arrays(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     state = {name: torch.from_numpy(np.asarray(value)) for name, value in arrays.items()}
     module.load_state_dict(state)
+
+
+def _meta_state(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `module`'s state dict (a module built on the meta device)."""
+    return {prefix + name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def _config_int(config: Mapping[str, Any], key: str, *, optional: bool = False) -> int | None:
+    """A positive integer setting of an extractor config (a peer's JSON: checked, not trusted)."""
+    value = config.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"extractor config {key}={value!r} must be a positive integer")
+    return value
+
+
+def check_arrays_fit(declared: Shapes, shapes: Shapes) -> None:
+    """Refuse (ValueError naming the first difference) arrays whose names and shapes are not
+    exactly the architecture's `declared` state dict."""
+    missing = sorted(set(declared) - set(shapes))
+    extra = sorted(set(shapes) - set(declared))
+    if missing or extra:
+        raise ValueError(
+            f"extractor arrays do not fit the architecture: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    for name, shape in declared.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise ValueError(
+                f"extractor array {name!r} has shape {tuple(shapes[name])}, the architecture "
+                f"needs {tuple(shape)}"
+            )
 
 
 class FeatureExtractor:
@@ -103,6 +141,21 @@ class FeatureExtractor:
         """The feature dimension this extractor gives, known from its weights and config alone
         (None where it is not): lets a client check a query before it reads any data."""
         return None
+
+    @classmethod
+    def declared_size(cls, config: Mapping[str, Any], shapes: Shapes) -> tuple[int, int | None]:
+        """(parameters, output dimension or None) of the extractor `config` and the shipped
+        arrays' declared `shapes` describe, computed without building or allocating anything,
+        so a client can hold them against its limits first. ValueError if `config` describes no
+        extractor of this kind."""
+        raise NotImplementedError
+
+    @classmethod
+    def declared_arrays(cls, config: Mapping[str, Any], shapes: Shapes) -> dict[str, tuple]:
+        """The names and shapes of the arrays `from_arrays(arrays, config)` loads (the
+        architecture's state dict, from a module on the meta device: no memory). Call it only
+        once `declared_size` passed the limits."""
+        raise NotImplementedError
 
     def num_bytes(self) -> int:
         """Bytes of the shipped arrays (the one-time cost of sending phi to a client)."""
@@ -185,6 +238,28 @@ class _SmallCNNExtractor(_TorchExtractor):
             "in_channels": self.in_channels,
             "embedding_dim": self.embedding_dim,
         }
+
+    @staticmethod
+    def _architecture(config: Mapping[str, Any]) -> tuple[int, int]:
+        channels = _config_int(config, "in_channels")
+        embedding = _config_int(config, "embedding_dim")
+        assert channels is not None and embedding is not None
+        return channels, embedding
+
+    @classmethod
+    def declared_size(cls, config: Mapping[str, Any], shapes: Shapes) -> tuple[int, int | None]:
+        # SmallCNN's shipped `features`: conv 3x3 (c -> 32), conv 3x3 (32 -> 64), linear
+        # (64 * 4 * 4 -> embedding_dim), each with a bias; closed form, nothing is built.
+        channels, embedding = cls._architecture(config)
+        parameters = (32 * channels * 9 + 32) + (64 * 32 * 9 + 64) + (64 * 4 * 4 + 1) * embedding
+        return parameters, embedding
+
+    @classmethod
+    def declared_arrays(cls, config: Mapping[str, Any], shapes: Shapes) -> dict[str, tuple]:
+        channels, embedding = cls._architecture(config)
+        with torch.device("meta"):
+            module = SmallCNN(1, channels, embedding)
+        return _meta_state(module.features, "features.")
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> FeatureExtractor:
@@ -340,6 +415,27 @@ class PCAExtractor(FeatureExtractor):
         return {"kind": self.kind, "n_components": self.n_components, "whiten": self.whiten}
 
     @classmethod
+    def declared_size(cls, config: Mapping[str, Any], shapes: Shapes) -> tuple[int, int | None]:
+        # The arrays are the whole model: their declared shapes are its size.
+        declared = cls.declared_arrays(config, shapes)
+        return sum(math.prod(shape) for shape in declared.values()), declared["scale"][0]
+
+    @classmethod
+    def declared_arrays(cls, config: Mapping[str, Any], shapes: Shapes) -> dict[str, tuple]:
+        n_components = _config_int(config, "n_components")
+        assert n_components is not None
+        if not isinstance(config.get("whiten"), bool):
+            raise ValueError(f"extractor config whiten={config.get('whiten')!r} must be a bool")
+        components = tuple(shapes.get("components", ()))
+        if len(components) != 2 or not 1 <= components[0] <= n_components or components[1] < 1:
+            raise ValueError(
+                f"pca components must have shape (k, pixels) with 1 <= k <= n_components="
+                f"{n_components}, got {components or 'none'}"
+            )
+        k, pixels = components
+        return {"mean": (pixels,), "components": (k, pixels), "scale": (k,)}
+
+    @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> PCAExtractor:
         extractor = cls(int(config["n_components"]), whiten=bool(config["whiten"]))
         extractor.mean_ = np.asarray(arrays["mean"], dtype=np.float32)
@@ -361,15 +457,22 @@ class PCAExtractor(FeatureExtractor):
         return None if self.components_ is None else int(self.components_.shape[0])
 
 
-def build_torchvision_backbone(arch: str) -> nn.Module:
-    """A torchvision classification model with `weights=None` and its classifier set to Identity."""
+def torchvision_architectures() -> list[str]:
+    """The torchvision classification architectures an extractor may name."""
     import torchvision
 
-    try:
-        builder = getattr(torchvision.models, arch)
-    except AttributeError:
-        raise ValueError(f"unknown torchvision architecture {arch!r}") from None
-    model = builder(weights=None)
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_torchvision_backbone(arch: str) -> nn.Module:
+    """A torchvision classification model with `weights=None` and its classifier set to Identity
+    (built on the current default device: inside `with torch.device("meta")` it takes no
+    memory). Only torchvision's classification architectures are accepted."""
+    import torchvision
+
+    if not isinstance(arch, str) or arch not in torchvision_architectures():
+        raise ValueError(f"unknown torchvision architecture {arch!r}")
+    model = torchvision.models.get_model(arch, weights=None)
     if hasattr(model, "fc"):
         model.fc = nn.Identity()
     elif hasattr(model, "classifier"):
@@ -379,6 +482,13 @@ def build_torchvision_backbone(arch: str) -> nn.Module:
     else:
         raise ValueError(f"do not know how to remove the classifier of {arch!r}")
     return model
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_backbone(arch: str) -> nn.Module:
+    """`build_torchvision_backbone(arch)` on the meta device: shapes only, no memory."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return build_torchvision_backbone(arch).eval()
 
 
 class TorchvisionExtractor(_TorchExtractor):
@@ -449,6 +559,32 @@ class TorchvisionExtractor(_TorchExtractor):
         return {"kind": self.kind, "arch": self.arch, "image_size": self.image_size}
 
     @classmethod
+    def declared_size(cls, config: Mapping[str, Any], shapes: Shapes) -> tuple[int, int | None]:
+        # Counted on a meta-device build (no memory); the output dimension is known (a meta
+        # forward pass) only when the config fixes the input size.
+        image_size = _config_int(config, "image_size", optional=True)
+        declared = cls.declared_arrays(config, shapes)
+        parameters = sum(math.prod(shape) for shape in declared.values())
+        output = None
+        if image_size is not None:
+            try:
+                with torch.no_grad():
+                    probe = torch.empty(1, 3, image_size, image_size, device="meta")
+                    out = _meta_backbone(config["arch"])(probe)
+                output = int(math.prod(out.shape[1:]))
+            except Exception:  # an input size this architecture does not take: known later
+                output = None
+        return parameters, output
+
+    @classmethod
+    def declared_arrays(cls, config: Mapping[str, Any], shapes: Shapes) -> dict[str, tuple]:
+        _config_int(config, "image_size", optional=True)
+        arch = config.get("arch")
+        if not isinstance(arch, str) or arch not in torchvision_architectures():
+            raise ValueError(f"unknown torchvision architecture {arch!r}")
+        return _meta_state(_meta_backbone(arch))
+
+    @classmethod
     def from_arrays(
         cls, arrays: dict[str, np.ndarray], config: dict[str, Any]
     ) -> TorchvisionExtractor:
@@ -476,17 +612,30 @@ def make_extractor(kind: str, **kwargs: Any) -> FeatureExtractor:
     return _CLASSES[kind](**kwargs)
 
 
-def extractor_from_arrays(
-    kind: str, arrays: dict[str, np.ndarray], config: dict[str, Any]
-) -> FeatureExtractor:
-    """Rebuild a fitted extractor on the client from what the server shipped."""
+def extractor_class(kind: str, config: Mapping[str, Any]) -> type[FeatureExtractor]:
+    """The extractor class of `kind`, checked against `config` (a dict whose `kind`, if any, is
+    `kind`); ValueError otherwise."""
     if kind not in _CLASSES:
         raise ValueError(
             f"unknown extractor kind {kind!r}; choose one of {', '.join(EXTRACTOR_KINDS)}"
         )
+    if not isinstance(config, Mapping):
+        raise ValueError(f"extractor config is a {type(config).__name__}, not a JSON object")
     if config.get("kind", kind) != kind:
         raise ValueError(f"config is for kind {config.get('kind')!r}, not {kind!r}")
-    return _CLASSES[kind].from_arrays(arrays, config)
+    return _CLASSES[kind]
+
+
+def extractor_from_arrays(
+    kind: str, arrays: dict[str, np.ndarray], config: dict[str, Any]
+) -> FeatureExtractor:
+    """Rebuild a fitted extractor on the client from what the server shipped: the arrays' names
+    and shapes must be exactly the architecture's state dict (checked on the meta device) before
+    anything is built. Size limits are the caller's: see `FeatureExtractor.declared_size`."""
+    cls = extractor_class(kind, config)
+    shapes = {name: tuple(np.shape(value)) for name, value in arrays.items()}
+    check_arrays_fit(cls.declared_arrays(config, shapes), shapes)
+    return cls.from_arrays(arrays, config)
 
 
 def _fingerprint(extractor: FeatureExtractor, images: torch.Tensor) -> str:

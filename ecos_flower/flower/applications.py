@@ -40,6 +40,7 @@ from ecos_flower.flower.validation import (
     metric,
     refusal,
     single_array,
+    too_few_message,
 )
 from ecos_flower.models import build_model, train_epochs
 from ecos_flower.strategy.ecos_query import ExtractorDelivery, extractor_digest
@@ -350,10 +351,9 @@ def train_private_knn(context: SelectionContext) -> torch.nn.Module:
     context.node_to_client.update(knn.node_to_client)
     min_clients = max(config["min-clients"], 1)
     if len(votes) < min_clients:
+        rejected = [{"node": e.node_id, "reason": e.problem} for e in knn.rejected]
         raise RuntimeError(
-            f"kNN labelling: {len(votes)} client(s) answered validly, fewer than "
-            f"min-clients={min_clients}; refused: "
-            + (", ".join(f"node {n}: {r}" for n, r in refused.items()) or "none")
+            too_few_message("kNN labelling", len(votes), min_clients, rejected, refused)
         )
     labels, kept = aggregate_votes(votes, sigmas, config["knn-threshold"])
     truth = pool.labels[chosen].numpy()

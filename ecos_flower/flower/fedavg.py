@@ -18,6 +18,17 @@ from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
 from ecos_flower.models import build_model
 
+LABEL_METRICS = ("partition-id",)  # a node's label, not a measurement: no average means anything
+
+
+def without_labels(metrics: MetricRecord | None) -> MetricRecord | None:
+    """Flower's aggregate of the replies' metrics without the averaged node labels (FedAvg
+    averages every metric, so the clients' partition ids became e.g. 'partition-id': 0.9985 in
+    the round's log and in the run's summary)."""
+    if metrics is None or not any(key in metrics for key in LABEL_METRICS):
+        return metrics
+    return MetricRecord({k: v for k, v in metrics.items() if k not in LABEL_METRICS})
+
 
 class RecordingFedAvg(FedAvg):
     """FedAvg that keeps each node's last evaluation metrics (Flower keeps only the average)."""
@@ -34,7 +45,8 @@ class RecordingFedAvg(FedAvg):
         nodes in random order, and floating-point sums depend on the order, so without this a
         run with the same seed would not repeat exactly."""
         ordered = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
-        return super().aggregate_train(server_round, ordered)
+        arrays, metrics = super().aggregate_train(server_round, ordered)
+        return arrays, without_labels(metrics)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -44,6 +44,9 @@ CLIENT_KEYS = (
     "data-root",
     "num-clients",
     "num-classes",
+    "class-names",
+    "image-size",
+    "channels",
     "model",
     "seed",
     "local-epochs",
@@ -55,7 +58,10 @@ CLIENT_KEYS = (
 
 
 def client_config(config: Mapping[str, Any]) -> ConfigRecord:
-    """The part of the run config every ClientApp needs, sent inside each message."""
+    """The part of the run config every ClientApp needs, sent inside each message. Besides run
+    config keys it carries what `server_app.run_method` sets from the federation, not from any
+    run config: `num-classes`, `class-names` (JSON list, the pool's class names in label order)
+    and the scenario's `image-size` / `channels` (a node reading its own data needs all three)."""
     return ConfigRecord({key: config[key] for key in CLIENT_KEYS if key in config})
 
 

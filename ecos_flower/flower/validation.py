@@ -29,13 +29,12 @@ class InvalidReplyError(ValueError):
         self.problem = problem
 
 
-def checked_numpy(array: Array, max_elements: int, what: str = "array") -> np.ndarray:
-    """Decode a peer's Array only after reading its .npy header: numeric dtype, at most
-    `max_elements` elements, and exactly as many data bytes as the header declares.
-
-    numpy.load pre-allocates the whole declared shape before reading the bytes, so a payload of a
-    few hundred bytes declaring 10^9 elements would allocate gigabytes; this check refuses it
-    first (ValueError naming the problem). Returns a fresh, writable numpy array."""
+def _npy_header(
+    array: Array, what: str, max_elements: int | None = None
+) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) from a peer Array's .npy header, checked to be
+    numeric with a valid shape (at most `max_elements` elements, if given) and exactly as many
+    data bytes as declared; nothing decoded."""
     if not isinstance(array, Array):
         raise ValueError(f"{what} is a {type(array).__name__}, not an Array")
     if array.stype != "numpy.ndarray":
@@ -59,7 +58,7 @@ def checked_numpy(array: Array, max_elements: int, what: str = "array") -> np.nd
     if not all(isinstance(n, int) and n >= 0 for n in shape) or len(shape) > 8:
         raise ValueError(f"{what} declares an invalid shape {shape}")
     count = math.prod(shape)
-    if count > max_elements:
+    if max_elements is not None and count > max_elements:
         raise ValueError(
             f"{what} declares shape {shape}: {count} elements exceed the maximum {max_elements}"
         )
@@ -69,7 +68,25 @@ def checked_numpy(array: Array, max_elements: int, what: str = "array") -> np.nd
             f"{what} declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes) but "
             f"carries {body} bytes"
         )
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return tuple(shape), bool(fortran), dtype, buffer.tell()
+
+
+def declared_shape(array: Array, what: str = "array") -> tuple[int, ...]:
+    """The shape a peer's Array declares, read from its .npy header only (checked as by
+    `checked_numpy`, nothing decoded or allocated); ValueError naming the problem."""
+    return _npy_header(array, what)[0]
+
+
+def checked_numpy(array: Array, max_elements: int, what: str = "array") -> np.ndarray:
+    """Decode a peer's Array only after reading its .npy header: numeric dtype, at most
+    `max_elements` elements, and exactly as many data bytes as the header declares.
+
+    numpy.load pre-allocates the whole declared shape before reading the bytes, so a payload of a
+    few hundred bytes declaring 10^9 elements would allocate gigabytes; this check refuses it
+    first (ValueError naming the problem). Returns a fresh, writable numpy array."""
+    shape, fortran, dtype, offset = _npy_header(array, what, max_elements)
+    count = math.prod(shape)
+    values = np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
     return np.array(values.reshape(shape, order="F" if fortran else "C"), copy=True)
 
 
@@ -200,11 +217,31 @@ def drop_events(
     return events
 
 
-def too_few_message(what: str, got: int, minimum: int, events: Iterable[dict]) -> str:
-    """Why a round cannot go on: fewer results than the run's `min-clients`, and who dropped."""
-    listed = "; ".join(f"node {e['node']}: {e['reason']}" for e in list(events)[:10])
-    return f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}" + (
-        f"; dropped: {listed}" if listed else ""
+TOO_FEW_LISTED = 50  # nodes named per list in the stop message (the rest are counted)
+
+
+def _listed(items: list[tuple[object, object]]) -> str:
+    shown = "; ".join(f"node {node}: {reason}" for node, reason in items[:TOO_FEW_LISTED])
+    more = len(items) - TOO_FEW_LISTED
+    return shown + (f"; and {more} more (see results.json)" if more > 0 else "")
+
+
+def too_few_message(
+    what: str,
+    got: int,
+    minimum: int,
+    events: Iterable[dict],
+    refused: Mapping[int, str] | None = None,
+) -> str:
+    """Why a round cannot go on: fewer results than the run's `min-clients`, naming each node
+    that dropped (crashed, timed out, sent an invalid reply) and each that refused, with its
+    reason."""
+    dropped = _listed([(e["node"], e["reason"]) for e in events])
+    refusals = _listed(sorted((refused or {}).items()))
+    return (
+        f"{what}: {got} client(s) answered validly, fewer than min-clients={minimum}"
+        + (f"; dropped: {dropped}" if dropped else "")
+        + (f"; refused: {refusals}" if refusals else "")
     )
 
 

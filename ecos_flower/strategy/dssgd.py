@@ -650,7 +650,9 @@ class Dssgd(Strategy):
             return None
         if len(evaluated) < self.min_clients:
             raise RuntimeError(
-                too_few_message("DSSGD evaluation", len(evaluated), self.min_clients, events)
+                too_few_message(
+                    "DSSGD evaluation", len(evaluated), self.min_clients, events, stated
+                )
             )
         record = self._figures()
         log(

@@ -494,7 +494,7 @@ class Ecos(Strategy):
             )
         if answered < self._min_answers:
             raise RuntimeError(
-                too_few_message("ECOS query", answered, self._min_answers, result.dropped)
+                too_few_message("ECOS query", answered, self._min_answers, result.dropped, refused)
             )
         return tally
 
