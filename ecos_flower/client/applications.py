@@ -28,7 +28,7 @@ from ecos_flower.applications import (
 )
 from ecos_flower.applications.finetune import calibrate_noise
 from ecos_flower.client.data import LoadData, client_shard
-from ecos_flower.client.ecos import check_source, read_extractor
+from ecos_flower.client.ecos import check_source, declared_array, read_extractor
 from ecos_flower.client.messages import (
     FINETUNE_REQUEST,
     KNN_QUERY,
@@ -36,7 +36,6 @@ from ecos_flower.client.messages import (
     read_model_config,
 )
 from ecos_flower.client.release import Refused, ReleaseBoundary, guarded
-from ecos_flower.flower.validation import checked_numpy
 from ecos_flower.models import build_model, evaluate_accuracy
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 from ecos_flower.privacy.ledger import PrivacyEvent
@@ -64,16 +63,9 @@ def check_query_features(query: Mapping[str, Any], features: np.ndarray) -> None
 
 def read_query_features(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
     """The selected samples' features for the parsed `query`, decoded only after their declared
-    size passed the node's limits (a tiny payload must not make the client allocate gigabytes),
-    and checked."""
+    size passed the node's limits (`declared_array`), and checked."""
     n, d = query["num-queries"], query["dim"]
-    record = msg.content.get("queries")
-    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["features"]:
-        raise QueryRejected("query has no ArrayRecord 'queries' holding 'features'")
-    try:
-        features = checked_numpy(record["features"], n * d, "query features")
-    except ValueError as exc:
-        raise QueryRejected(str(exc)) from exc
+    features = declared_array(msg, "queries", "features", n * d, "query features")
     check_query_features(query, features)
     return features
 

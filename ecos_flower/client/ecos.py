@@ -51,17 +51,25 @@ def check_centroids(query: Mapping[str, Any], centroids: np.ndarray) -> None:
         raise QueryRejected("centroids must be finite floating-point numbers")
 
 
-def read_centroids(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
-    """The centroids of the parsed `query` (`ECOS_QUERY.parse`), decoded only after the declared
-    sizes passed the node's limits."""
-    k, d = query["num-centroids"], query["dim"]
-    record = msg.content.get("centroids")
-    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["centroids"]:
-        raise QueryRejected("query has no ArrayRecord 'centroids' holding 'centroids'")
+def declared_array(
+    msg: Message, record_name: str, array_name: str, elements: int, what: str = ""
+) -> np.ndarray:
+    """The one array `array_name` of the message's ArrayRecord `record_name`, decoded only after
+    its header shows at most `elements` values (the size the query declared and the node's
+    limits allowed): a tiny payload must not make the node allocate gigabytes."""
+    record = msg.content.get(record_name)
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [array_name]:
+        raise QueryRejected(f"query has no ArrayRecord {record_name!r} holding {array_name!r}")
     try:
-        centroids = checked_numpy(record["centroids"], k * d, "centroids")
+        return checked_numpy(record[array_name], elements, what or array_name)
     except ValueError as exc:
         raise QueryRejected(str(exc)) from exc
+
+
+def read_centroids(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
+    """The centroids of the parsed `query` (`ECOS_QUERY.parse`), checked against it."""
+    k, d = query["num-centroids"], query["dim"]
+    centroids = declared_array(msg, "centroids", "centroids", k * d)
     check_centroids(query, centroids)
     return centroids
 
