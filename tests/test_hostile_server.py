@@ -406,3 +406,16 @@ def test_no_reply_of_any_handler_carries_exact_sizes_losses_or_timings(world, tm
             assert reply.content["metrics"]["num-examples"] == 1  # uniform weights
     assert json.loads(json.dumps(sorted(captured)))  # every message kind was exercised
     assert {"query.ecos", "query.knn", "train.dssgd", "evaluate.finetune"} <= set(captured)
+
+
+def test_a_node_refusing_to_evaluate_is_named_with_its_own_reason(world, tmp_path):
+    from ecos_flower.strategy.evaluation import EvaluationTally
+
+    _, captured = world
+    context = private_node(tmp_path)  # a private node: no report-metrics
+    reply = deliver(captured["evaluate"], context)
+    reply.metadata.__dict__["_src_node_id"] = context.node_id
+    tally = EvaluationTally()
+    assert tally.add([reply]) is None
+    (error,) = tally.rejected
+    assert error.node_id == context.node_id and "report-metrics" in str(error)

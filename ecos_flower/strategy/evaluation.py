@@ -19,6 +19,7 @@ from ecos_flower.flower.validation import (
     drop_events,
     first_reply_per_node,
     metric,
+    refusal,
 )
 
 
@@ -98,6 +99,9 @@ class EvaluationTally(ReplyTally):
             try:
                 if node in self._accuracy:
                     raise InvalidReplyError(node, "already evaluated in this round")
+                reason = refusal(reply)
+                if reason is not None:  # e.g. a private node that reports no exact metrics
+                    raise InvalidReplyError(node, f"refused to evaluate: {reason}")
                 accuracy = metric(reply, "accuracy", low=0.0, high=1.0)
                 client = claimed_client(reply, self._known)
             except InvalidReplyError as exc:
