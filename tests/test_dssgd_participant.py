@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from dssgd_helpers import tiny_data, tiny_model
 
 from ecos_flower.dssgd.participant import (
     apply_download,
@@ -16,23 +16,10 @@ from ecos_flower.dssgd.participant import (
 from ecos_flower.dssgd.simulate import DSSGDConfig, simulate_centralized, simulate_standalone
 from ecos_flower.dssgd.sparse import SparseUpdate
 from ecos_flower.flower.dssgd_simulation import simulate_dssgd
-from ecos_flower.models.nets import PaperMLP
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return PaperMLP(3, 1, 4)
-
-
-def _data(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 4, 4, generator=g) * 0.3 + y.view(-1, 1, 1, 1).float()
-    return x, y
 
 
 def test_flatten_load_download():
-    model = _model()
+    model = tiny_model()
     flat = flatten_params(model)
     assert flat.dtype == np.float32 and flat.size == sum(p.numel() for p in model.parameters())
     load_flat_params(model, np.zeros_like(flat))
@@ -48,8 +35,8 @@ def test_flatten_load_download():
 
 @pytest.mark.parametrize("mode", ["largest", "threshold"])
 def test_local_step_modes(mode):
-    model = _model()
-    x, y = _data(64, 0)
+    model = tiny_model()
+    x, y = tiny_data(64, 0)
     before = flatten_params(model)
     upd, eps = local_step(
         model,
@@ -70,8 +57,8 @@ def test_local_step_modes(mode):
 
 
 def test_local_step_dp():
-    model = _model()
-    x, y = _data(64, 0)
+    model = tiny_model()
+    x, y = tiny_data(64, 0)
     upd, eps = local_step(
         model,
         x,
@@ -91,10 +78,10 @@ def test_local_step_dp():
 
 @pytest.mark.parametrize("schedule", ["round-robin", "random", "parallel"])
 def test_driver_runs_and_collaboration_helps(schedule):
-    trains = [_data(24, s) for s in range(4)]
-    tests = [_data(60, 100 + s) for s in range(4)]
+    trains = [tiny_data(24, s) for s in range(4)]
+    tests = [tiny_data(60, 100 + s) for s in range(4)]
     config = DSSGDConfig(epochs=3, schedule=schedule, theta_u=0.5, batch_size=8, seed=0)
-    out = simulate_dssgd(trains, tests, _model, config)
+    out = simulate_dssgd(trains, tests, tiny_model, config)
     assert len(out["participant_accuracy"]) == 4
     assert out["bytes_up"] > 0 and out["bytes_down"] > 0
     assert out["epsilon_per_participant"] == [0.0] * 4
@@ -102,16 +89,16 @@ def test_driver_runs_and_collaboration_helps(schedule):
     dp = simulate_dssgd(
         trains,
         tests,
-        _model,
+        tiny_model,
         DSSGDConfig(epochs=2, schedule=schedule, theta_u=0.1, gamma=1e-3, tau=1e-4, dp_epsilon=1.0),
     )
     assert dp["epsilon_per_participant"] == [pytest.approx(2 * 5 / 9)] * 4
 
 
 def test_baselines():
-    trains = [_data(24, s) for s in range(3)]
-    tests = [_data(60, 100 + s) for s in range(3)]
+    trains = [tiny_data(24, s) for s in range(3)]
+    tests = [tiny_data(60, 100 + s) for s in range(3)]
     config = DSSGDConfig(epochs=2, batch_size=8)
-    assert len(simulate_standalone(trains, tests, _model, config)["participant_accuracy"]) == 3
-    pooled = simulate_centralized(trains, tests, _model, config)
+    assert len(simulate_standalone(trains, tests, tiny_model, config)["participant_accuracy"]) == 3
+    pooled = simulate_centralized(trains, tests, tiny_model, config)
     assert 0 <= pooled["mean_participant_accuracy"] <= 1

@@ -6,38 +6,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from dssgd_helpers import tiny_data, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from ecos_flower.dssgd import flatten_params, svt_scales, upload_count
 from ecos_flower.dssgd.simulate import DSSGDConfig
 from ecos_flower.flower.dssgd_simulation import memory_client_app
 from ecos_flower.flower.inprocess import InProcessGrid
-from ecos_flower.models.nets import PaperMLP
 from ecos_flower.strategy import Dssgd
 from ecos_flower.strategy.dssgd import CLIENT_FIGURES, client_key, per_client
 
 NODES = 3
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return PaperMLP(3, 1, 4)
-
-
-def _data(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 4, 4, generator=g) * 0.3 + y.view(-1, 1, 1, 1).float()
-    return x, y
-
-
 def _grid(client_apps=None) -> tuple[InProcessGrid, list[str]]:
     """An in-process grid of NODES in-memory participants; also the message types they saw."""
     app = memory_client_app(
-        [_data(24, s) for s in range(NODES)],
-        [_data(30, 100 + s) for s in range(NODES)],
-        _model,
+        [tiny_data(24, s) for s in range(NODES)],
+        [tiny_data(30, 100 + s) for s in range(NODES)],
+        tiny_model,
         DSSGDConfig(batch_size=8),
     )
     seen: list[str] = []
@@ -50,7 +37,7 @@ def _grid(client_apps=None) -> tuple[InProcessGrid, list[str]]:
 
 
 def _start(strategy: Dssgd, grid: InProcessGrid, epochs: int = 2):
-    initial = ArrayRecord({"params": Array(flatten_params(_model()))})
+    initial = ArrayRecord({"params": Array(flatten_params(tiny_model()))})
     return strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -178,7 +165,7 @@ def test_constructor_errors_name_the_argument(kwargs, name):
 
 
 def test_the_number_of_classes_is_never_assumed():
-    initial = ArrayRecord({"params": Array(flatten_params(_model()))})
+    initial = ArrayRecord({"params": Array(flatten_params(tiny_model()))})
     with pytest.raises(ValueError, match="num-classes"):
         Dssgd().start(grid=_grid()[0], initial_arrays=initial, num_rounds=1)
     strategy = Dssgd(schedule="parallel")

@@ -28,12 +28,12 @@ from ecos_flower.applications import (
 )
 from ecos_flower.applications.finetune import calibrate_noise
 from ecos_flower.client.data import LoadData, client_shard
-from ecos_flower.client.ecos import check_source, declared_array, read_extractor
+from ecos_flower.client.ecos import check_declared, check_source, declared_array, read_extractor
 from ecos_flower.client.messages import (
     FINETUNE_REQUEST,
     KNN_QUERY,
+    MODEL_CONFIG,
     QueryRejected,
-    read_model_config,
 )
 from ecos_flower.client.release import Refused, ReleaseBoundary, guarded
 from ecos_flower.models import build_model, evaluate_accuracy
@@ -47,27 +47,14 @@ def check_knn_query(
     """The `knn` record parsed (`KNN_QUERY`) and the decoded features checked against it:
     refuses absurd or unsafe kNN queries before any work is done."""
     parsed = KNN_QUERY.parse(query, node_config)
-    check_query_features(parsed, features)
+    check_declared(features, (parsed["num-queries"], parsed["dim"]), "query features")
     return parsed
 
 
-def check_query_features(query: Mapping[str, Any], features: np.ndarray) -> None:
-    """Refuse features that are not the (num-queries, dim) finite floats the parsed query
-    declares."""
-    n, d = query["num-queries"], query["dim"]
-    if features.shape != (n, d):
-        raise QueryRejected(f"query features have shape {features.shape}, query says ({n}, {d})")
-    if features.dtype.kind != "f" or not np.all(np.isfinite(features)):
-        raise QueryRejected("query features must be finite floating-point numbers")
-
-
 def read_query_features(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
-    """The selected samples' features for the parsed `query`, decoded only after their declared
-    size passed the node's limits (`declared_array`), and checked."""
-    n, d = query["num-queries"], query["dim"]
-    features = declared_array(msg, "queries", "features", n * d, "query features")
-    check_query_features(query, features)
-    return features
+    """The selected samples' features for the parsed `query` (`declared_array`)."""
+    shape = (query["num-queries"], query["dim"])
+    return declared_array(msg, "queries", "features", shape, "query features")
 
 
 def answer_knn_query(
@@ -219,7 +206,7 @@ def answer_finetune_evaluate(
     arrays = msg.content.get("arrays")
     if not isinstance(config, ConfigRecord) or not isinstance(arrays, ArrayRecord):
         raise QueryRejected("message has no ConfigRecord 'config' and ArrayRecord 'arrays'")
-    task_model = read_model_config(config, context.node_config)
+    task_model = MODEL_CONFIG.parse(config, context.node_config)
     boundary.admit("evaluation-metrics")
     check_source(config, context.node_config, load_data)
     spent = noise = spec = None

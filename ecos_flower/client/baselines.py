@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from ecos_flower.client.data import LoadData, client_shard
-from ecos_flower.client.messages import read_model_config
+from ecos_flower.client.messages import MODEL_CONFIG
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.models import build_model, evaluate_accuracy, train_epochs
 
@@ -22,7 +22,7 @@ def answer_local_training(
     """Train a fresh task model on this client's own shard only; reply with its test accuracy."""
     boundary.admit("evaluation-metrics")
     config = msg.content["config"]
-    task_model = read_model_config(config, context.node_config)
+    task_model = MODEL_CONFIG.parse(config, context.node_config)
     shard = load_data(config, context.node_config)
     images = shard.train.images
     model = build_model(

@@ -41,37 +41,36 @@ def _limit(node_config: Mapping[str, Any], key: str) -> int:
     return int(node_config.get(key, DEFAULT_LIMITS[key]))
 
 
-def check_centroids(query: Mapping[str, Any], centroids: np.ndarray) -> None:
-    """Refuse centroids that are not the (num-centroids, dim) finite floats the parsed query
-    declares."""
-    k, d = query["num-centroids"], query["dim"]
-    if centroids.shape != (k, d):
-        raise QueryRejected(f"centroids have shape {centroids.shape}, query says ({k}, {d})")
-    if centroids.dtype.kind != "f" or not np.all(np.isfinite(centroids)):
-        raise QueryRejected("centroids must be finite floating-point numbers")
+def check_declared(array: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+    """Refuse an array that is not the `shape` of finite floats the parsed query declares."""
+    if array.shape != shape:
+        raise QueryRejected(f"{what} have shape {array.shape}, query says {shape}")
+    if array.dtype.kind != "f" or not np.all(np.isfinite(array)):
+        raise QueryRejected(f"{what} must be finite floating-point numbers")
 
 
 def declared_array(
-    msg: Message, record_name: str, array_name: str, elements: int, what: str = ""
+    msg: Message, record_name: str, array_name: str, shape: tuple[int, ...], what: str = ""
 ) -> np.ndarray:
     """The one array `array_name` of the message's ArrayRecord `record_name`, decoded only after
-    its header shows at most `elements` values (the size the query declared and the node's
-    limits allowed): a tiny payload must not make the node allocate gigabytes."""
+    its header shows at most the declared `shape`'s number of values (the size the query
+    declared and the node's limits allowed: a tiny payload must not make the node allocate
+    gigabytes), then checked to be that shape of finite floats."""
+    what = what or array_name
     record = msg.content.get(record_name)
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [array_name]:
         raise QueryRejected(f"query has no ArrayRecord {record_name!r} holding {array_name!r}")
     try:
-        return checked_numpy(record[array_name], elements, what or array_name)
+        array = checked_numpy(record[array_name], math.prod(shape), what)
     except ValueError as exc:
         raise QueryRejected(str(exc)) from exc
+    check_declared(array, shape, what)
+    return array
 
 
 def read_centroids(msg: Message, query: Mapping[str, Any]) -> np.ndarray:
     """The centroids of the parsed `query` (`ECOS_QUERY.parse`), checked against it."""
-    k, d = query["num-centroids"], query["dim"]
-    centroids = declared_array(msg, "centroids", "centroids", k * d)
-    check_centroids(query, centroids)
-    return centroids
+    return declared_array(msg, "centroids", "centroids", (query["num-centroids"], query["dim"]))
 
 
 def check_source(

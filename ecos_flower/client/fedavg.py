@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 from ecos_flower.client.data import LoadData, client_shard
-from ecos_flower.client.messages import read_model_config
+from ecos_flower.client.messages import MODEL_CONFIG
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.data import ClientShard
 from ecos_flower.models import build_model, evaluate_accuracy, train_epochs
@@ -44,7 +44,7 @@ def answer_train(
     load the global model, train on the local shard, return it."""
     boundary.admit(mechanism)
     config = msg.content["config"]
-    fields = read_model_config(config, context.node_config)
+    fields = MODEL_CONFIG.parse(config, context.node_config)
     shard = load_data(config, context.node_config)
     model = task_model(fields, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -73,7 +73,7 @@ def answer_evaluate(
     the node's policy reports them)."""
     boundary.admit("evaluation-metrics")
     config = msg.content["config"]
-    fields = read_model_config(config, context.node_config)
+    fields = MODEL_CONFIG.parse(config, context.node_config)
     shard = load_data(config, context.node_config)
     model = task_model(fields, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -29,11 +29,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from logging import WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord
-from flwr.supercore import log
 
 from ecos_flower.applications import DEFAULT_NORMALISER, KNN_MODES
 from ecos_flower.client.release import Refused
@@ -390,23 +388,3 @@ FINETUNE_REQUEST = MessageSpec(
 
 MODEL_CONFIG = MessageSpec("config", "config", MessageRejected, (MODEL, NUM_CLASSES))
 """The task model a FedAvg, local or fine-tuning message names: its architecture and classes."""
-
-# TRANSITIONAL: the project's servers do not send `num-classes` in the client config yet (FedAvg,
-# DP-FedAvg, `local`, `evaluate.finetune` and the sampling methods' final evaluation build it
-# with `settings.client_config`, which has no such key). Until they do, a config without it is
-# read as this many classes, with a warning in the node's log; set it to None (or call
-# `MODEL_CONFIG.parse`) once they send it, and a config without `num-classes` is refused.
-MISSING_NUM_CLASSES_FALLBACK: int | None = None
-
-
-def read_model_config(config: object, node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """`MODEL_CONFIG.parse`, with the transitional fallback above for a missing `num-classes`."""
-    fallback = MISSING_NUM_CLASSES_FALLBACK
-    if fallback is not None and isinstance(config, ConfigRecord) and "num-classes" not in config:
-        log(
-            WARNING,
-            "config has no 'num-classes': assuming %d (the server should send it)",
-            fallback,
-        )
-        return {**MODEL_CONFIG.only("model").parse(config, node_config), "num-classes": fallback}
-    return MODEL_CONFIG.parse(config, node_config)

@@ -81,7 +81,6 @@ class ReleaseBoundary:
         except PolicyError as exc:
             raise Refused(f"this node's privacy configuration is invalid: {exc}") from exc
         self._ledger: NodeLedger | None = None
-        self.charged = False
 
     # --------------------------------------------------------------- policy and budget
     def admit(self, *mechanisms: str) -> None:
@@ -113,7 +112,6 @@ class ReleaseBoundary:
             raise Refused(f"privacy ledger unusable, refusing to release: {exc}") from exc
         except (ValueError, OverflowError, MemoryError) as exc:  # parameters from the message
             raise Refused(f"the privacy cost of this request cannot be accounted: {event}") from exc
-        self.charged = True
         if self.policy.noise_seed is not None:  # research runs that must repeat
             stream = len(self.ledger.events)
             return spent, NoiseSource.replayable(self.policy.noise_seed, stream)

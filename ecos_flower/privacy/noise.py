@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -145,18 +146,17 @@ class NoiseSource:
 
     def laplace_release(self, values: Any, scale: float) -> np.ndarray:
         """values + Laplace(0, scale) noise as float64 (OpenDP's sampler on a fresh source)."""
-        scale = _check_scale("scale", scale)
-        x = _finite_vector(values)
-        if self._safe_release and x.size:
-            flat = _opendp_measurement("laplace", scale)(x.ravel().tolist())
-            return np.asarray(flat, dtype=np.float64).reshape(x.shape)
-        return x + self.laplace(scale, x.shape)
+        return self._release("laplace", values, _check_scale("scale", scale), self.laplace)
 
     def gaussian_release(self, values: Any, sigma: float) -> np.ndarray:
         """values + N(0, sigma^2) noise as float64 (OpenDP's sampler on a fresh source)."""
-        sigma = _check_scale("sigma", sigma)
+        return self._release("gaussian", values, _check_scale("sigma", sigma), self.gaussian)
+
+    def _release(
+        self, kind: str, values: Any, scale: float, sample: Callable[[float, Size], np.ndarray]
+    ) -> np.ndarray:
         x = _finite_vector(values)
         if self._safe_release and x.size:
-            flat = _opendp_measurement("gaussian", sigma)(x.ravel().tolist())
+            flat = _opendp_measurement(kind, scale)(x.ravel().tolist())
             return np.asarray(flat, dtype=np.float64).reshape(x.shape)
-        return x + self.gaussian(sigma, x.shape)
+        return x + sample(scale, x.shape)
