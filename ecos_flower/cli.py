@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tomllib
 from pathlib import Path
@@ -57,34 +58,39 @@ def run(args: argparse.Namespace) -> RunReport:
     """Run one method on one scenario; Ray simulation unless --in-process."""
     from ecos_flower.data import load_scenario
     from ecos_flower.flower.engines import run_once
+    from ecos_flower.privacy.units import privacy_unit
 
     config = run_config_from_args(args)
     num_clients = load_scenario(config["scenario"], config["data-root"] or None).num_clients
     report = run_once(config, num_clients, "in-process" if args.in_process else "ray")
+    report.privacy_unit = privacy_unit(config).label
     print(report.table())
     return report
 
 
 def compare(args: argparse.Namespace) -> None:
-    """Run several methods on one scenario over seeds; write results.json, results.md, plots."""
+    """Run several methods on one scenario over seeds (budgets, epsilons); write results.json,
+    results.md and the plots."""
     from ecos_flower.compare import LOG_NAME, run_compare, table_markdown
+    from ecos_flower.privacy.units import UNITS, units_note
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = args.budgets or None
     records = run_compare(
         args.scenario,
         methods,
         args.seeds,
         args.out,
-        budgets=budgets,
+        budgets=args.budgets or None,
+        epsilons=args.epsilons or None,
         engine=args.engine,
         overrides=parse_overrides(args.set or []),
         verbose=args.verbose,
     )
-    print(table_markdown(records, aligned=True))
+    print(table_markdown(records, aligned=True) + "\n")
+    print(units_note([UNITS[r["privacy_unit"]] for r in records]))
     print(
-        f"results in {args.out}: results.json, results.md, accuracy-vs-*.png; "
-        f"log in {Path(args.out) / LOG_NAME}"
+        f"results in {args.out}: results.json, results.md, privacy-utility.png, "
+        f"accuracy-vs-*.png; log in {Path(args.out) / LOG_NAME}"
     )
 
 
@@ -106,6 +112,17 @@ def export_shards(args: argparse.Namespace) -> None:
     folders = write_shards(scenario, Path(args.out), train_only=args.train_only)
     for folder in folders:
         print(f"wrote {folder}")
+    if args.pool:
+        from ecos_flower.data.pool import export_pool
+
+        print(f"wrote {export_pool(scenario, Path(args.out) / 'pool')} (run-config `pool`)")
+
+
+def node_worker(args: argparse.Namespace) -> None:
+    """Serve this node's messages from one warm process (see `ecos_flower.node`)."""
+    from ecos_flower.node.worker import main as serve
+
+    serve(args.socket, args.node_config, args.log_file)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,6 +150,33 @@ def positive_int_list(text: str) -> list[int]:
     return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def positive_float_list(text: str) -> list[float]:
+    """Comma-separated positive finite numbers (argparse names the option in its error), or
+    `preset`: no sweep (an empty list), each preset's own epsilon."""
+    if text.strip() == "preset":
+        return []
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {part!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {part}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+# The main job's default: a small privacy-utility sweep that finishes in a few minutes on two
+# cores with Ray (measured in the compare helper's report; see README).
+DEFAULT_METHODS = "ecos,dp-fedavg,random,dssgd,fedavg"
+DEFAULT_EPSILONS = "1,4"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecos-flower", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser = sub.add_parser(
         "compare",
         help="compare methods on a scenario",
-        description="Run every method on one scenario for every seed (and budget); write "
+        description="Run every method on one scenario for every seed (and budget; private "
+        "methods also at every epsilon, non-private ones once); write "
         "results.json, results.md and plots into --out. The console shows a progress bar and "
         "the table; Flower's log, warnings and Ray's output go to OUT/compare.log.",
         formatter_class=DefaultsHelpFormatter,
@@ -168,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare_parser.add_argument(
         "--methods",
-        default="ecos,random,kcenter,dssgd,fedavg",
+        default=DEFAULT_METHODS,
         help="comma-separated preset names from strategies/",
     )
     compare_parser.add_argument(
@@ -179,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int_list,
         help="comma-separated budgets to sweep for the sampling methods "
         "(default: each preset's budget)",
+    )
+    compare_parser.add_argument(
+        "--epsilons",
+        type=positive_float_list,
+        default=DEFAULT_EPSILONS,
+        help="comma-separated epsilons (per client, total for the run) at which every private "
+        "method runs; non-private methods run once per seed; 'preset': each preset's own "
+        "epsilon, no sweep",
     )
     compare_parser.add_argument(
         "--engine",
@@ -218,7 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only each shard's train part (default: train and test, the node splits itself)",
     )
+    export_parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="also write the public pool for the server: OUT/pool/<domain>/<class>/<n>.png and "
+        "OUT/pool/pool.toml (pass it as run-config `pool`)",
+    )
     export_parser.set_defaults(func=export_shards)
+    worker_parser = sub.add_parser(
+        "node-worker",
+        help="a node's warm worker: holds its data, policy and ledger; SuperNodes relay to it",
+    )
+    worker_parser.add_argument(
+        "--socket", required=True, help="Unix socket to listen on (the SuperNode's `worker`)"
+    )
+    worker_parser.add_argument(
+        "--node-config",
+        nargs="+",
+        default=None,
+        help="this node's config, as for flower-supernode: 'k=v ...' or a .toml file",
+    )
+    worker_parser.add_argument("--log-file", default=None, help="log here (default: stderr)")
+    worker_parser.set_defaults(func=node_worker)
     return parser
 
 

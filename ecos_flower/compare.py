@@ -1,29 +1,44 @@
-"""`ecos-flower compare`: every selected method on one scenario, over seeds (and budgets for the
-sampling methods); writes results.json (one record per run), results.md (mean ± std) and plots."""
+"""`ecos-flower compare`: every selected method on one scenario, over seeds, budgets (for the
+sampling methods) and epsilons (for the private methods); writes results.json (one record per
+run), results.md (mean ± std, privacy units, versions, machine) and plots.
+
+The epsilon sweep. `--epsilons` runs every private method at every epsilon: a client's total for
+the whole run, at the run's delta. `EPSILON_SWEEP` is the one table saying which run-config keys
+of a preset carry that total and how (a Gaussian release at that epsilon, DSSGD's per-step SVT
+budget, ...). A private preset missing from it is an error before anything runs. Each record
+keeps the target next to the epsilon the run really charged (the clients' ledgers).
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
+import os
+import platform
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 from ecos_flower.console import logs_to_file
 from ecos_flower.data import DataError, Scenario, load_scenario
+from ecos_flower.dssgd.svt import svt_scales
 from ecos_flower.flower.engines import ENGINES, run_once
 from ecos_flower.flower.report import RunReport, _json_safe
 from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config, resolve_path
+from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon, analytic_gaussian_sigma
+from ecos_flower.privacy.units import NONE, UNITS, PrivacyUnit, privacy_unit, units_note
 
 LOG_NAME = "compare.log"  # in the output folder: Flower's log, warnings, Ray's output
 SAMPLING = ("ecos", "oracle", "random", "kcenter", "in-domain")
@@ -43,7 +58,43 @@ RECORD_KEYS = (
     "wall_s",
     "domain_precision",
     "settings",
+    "epsilon_target",
+    "privacy_unit",
+    "noise_by",
 )
+PRIVACY_UTILITY_PNG = "privacy-utility.png"
+BYTES_PNG = "accuracy-vs-bytes.png"
+BUDGET_PNG = "accuracy-vs-budget.png"
+LINE_STYLES = ("-", "--", ":", "-.")
+VERSIONED = ("ecos-flower", "flwr", "torch", "numpy", "opacus")
+
+# How a run-config key carries the sweep's epsilon (a client's total for the run):
+#   "total":     the key is that total (the method calibrates its whole run to it).
+#   "gaussian":  one Gaussian release at (key, delta); a preset with several composes them
+#                exactly (Gaussian DP), so each gets the epsilon whose noise multiplier is
+#                sqrt(n) times the target's: together exactly the target.
+#   "svt-step":  DSSGD's SVT budget per upload; a participant uploads dssgd-epochs times at the
+#                split's true cost per upload (ecos_flower/dssgd/svt.py), composed basically.
+EpsilonKind = Literal["total", "gaussian", "svt-step"]
+EPSILON_SWEEP: dict[str, tuple[tuple[str, EpsilonKind], ...]] = {
+    "ecos": (("epsilon", "gaussian"),),
+    "ecos-distill": (("epsilon", "gaussian"),),
+    "ecos-semi": (("epsilon", "gaussian"),),
+    "ecos-knn": (("epsilon", "gaussian"), ("knn-epsilon", "gaussian")),
+    "random-knn": (("knn-epsilon", "gaussian"),),
+    "kcenter-knn": (("knn-epsilon", "gaussian"),),
+    # ECOS, then a DP head fit on every client: two Gaussian releases, one ledger.
+    "ecos-finetune": (("epsilon", "gaussian"), ("finetune-epsilon", "gaussian")),
+    "ecos-finetune-fc": (("epsilon", "gaussian"), ("finetune-epsilon", "gaussian")),
+    "ecos-finetune-ls": (("epsilon", "gaussian"), ("finetune-epsilon", "gaussian")),
+    "dp-linear-probe": (("finetune-epsilon", "gaussian"),),
+    "dp-fedavg": (("dp-target-epsilon", "total"),),
+    "dssgd-dp": (("dssgd-epsilon", "svt-step"),),
+    "dssgd-dp-eps1": (("dssgd-epsilon", "svt-step"),),
+    # Sample-level DP-FedAvg (written alongside this table): its preset's run total. TODO(lead):
+    # confirm the key once that work is final (tests check it is declared in config.py).
+    "dp-fedavg-sample": (("dp-sample-epsilon", "total"),),
+}
 
 
 def available_methods() -> list[str]:
@@ -59,8 +110,56 @@ def preset_config(method: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def to_record(report: RunReport, preset: str, budget: int | None) -> dict[str, Any]:
-    """A report as one results.json record (the stable schema)."""
+def check_epsilons(epsilons: Sequence[Any]) -> list[float]:
+    """The sweep's epsilons as floats; ValueError unless each is a positive finite number."""
+    values = []
+    for value in epsilons:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"epsilons must be positive numbers, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"epsilons must be positive finite numbers, got {value!r}")
+        values.append(float(value))
+    if not values:
+        raise ValueError("epsilons: give at least one value")
+    return sorted(set(values))
+
+
+def epsilon_settings(preset: str, config: Mapping[str, Any], epsilon: float) -> dict[str, float]:
+    """The run-config values that make `preset` (merged `config`) spend `epsilon` per client over
+    the whole run, at the config's delta (`EPSILON_SWEEP`). ValueError for a preset not in it."""
+    entry = EPSILON_SWEEP.get(preset)
+    if entry is None:
+        raise ValueError(
+            f"method {preset!r} is private ({privacy_unit(config).label}) but has no entry in "
+            "EPSILON_SWEEP (ecos_flower/compare.py): say which run-config keys carry its epsilon"
+        )
+    gaussians = [key for key, kind in entry if kind == "gaussian"]
+    settings: dict[str, float] = {}
+    for key, kind in entry:
+        if kind == "total":
+            settings[key] = epsilon
+        elif kind == "gaussian":
+            if len(gaussians) == 1:
+                settings[key] = epsilon
+            else:
+                z = analytic_gaussian_sigma(epsilon, config["delta"]) * math.sqrt(len(gaussians))
+                settings[key] = analytic_gaussian_epsilon(z, config["delta"])
+        else:  # svt-step: the true cost per upload is a fixed share of dssgd-epsilon
+            per_unit = svt_scales(1.0, 1, 1.0, config["svt-split"]).epsilon_spent
+            settings[key] = epsilon / (config["dssgd-epochs"] * per_unit)
+    return settings
+
+
+def to_record(
+    report: RunReport,
+    preset: str,
+    budget: int | None,
+    *,
+    unit: PrivacyUnit = NONE,
+    epsilon_target: float | None = None,
+) -> dict[str, Any]:
+    """A report as one results.json record (the stable schema). `epsilon` is what the clients'
+    ledgers were charged (the largest over clients), `epsilon_target` the sweep's target."""
     full = report.to_json()
     record = {
         "method": preset,
@@ -77,6 +176,9 @@ def to_record(report: RunReport, preset: str, budget: int | None) -> dict[str, A
         "wall_s": report.wall_s,
         "domain_precision": report.extra.get("domain-precision"),
         "settings": full["settings"],
+        "epsilon_target": epsilon_target,
+        "privacy_unit": unit.name,
+        "noise_by": unit.noise_by,
         "phase_seconds": full["phase_seconds"],
         "extra": _json_safe(report.extra),
     }
@@ -93,6 +195,82 @@ def check_data_paths(scenario: Scenario) -> None:
             )
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison: the preset, its swept values and the full run config."""
+
+    method: str
+    budget: int | None
+    epsilon_target: float | None
+    seed: int
+    config: dict[str, Any]
+    unit: PrivacyUnit
+
+    @property
+    def label(self) -> str:
+        parts = [self.method]
+        if self.budget is not None:
+            parts.append(f"B={self.budget}")
+        if self.epsilon_target is not None:
+            parts.append(f"eps={self.epsilon_target:g}")
+        return " ".join(parts)
+
+
+def plan_runs(
+    scenario: Path,
+    methods: Sequence[str],
+    seeds: int,
+    *,
+    budgets: Sequence[int] | None = None,
+    epsilons: Sequence[float] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[PlannedRun]:
+    """Every (method, budget, epsilon, seed) of a comparison, each run config merged and
+    validated (errors name the bad key or method): private methods run at every epsilon,
+    non-private ones once per seed; sampling methods at every budget."""
+    overrides = dict(overrides or {})
+    plan: list[PlannedRun] = []
+    for method in methods:
+        layer = preset_config(method)
+        base = merge_run_config(layer, overrides)
+        unit = privacy_unit(base)
+        sampling = base["method"] in SAMPLING
+        method_budgets: list[int | None] = list(budgets) if (budgets and sampling) else [None]
+        method_epsilons: list[float | None] = [None]
+        if epsilons and unit is not NONE:
+            keys = set(epsilon_settings(method, base, epsilons[0]))
+            clash = sorted(keys & set(overrides))
+            if clash:
+                raise ValueError(
+                    f"--set {', '.join(clash)} conflicts with --epsilons (the sweep sets it "
+                    f"for {method}); give the epsilon with --epsilons, or --epsilons preset"
+                )
+            method_epsilons = list(epsilons)
+        for budget in method_budgets:
+            for epsilon in method_epsilons:
+                swept: dict[str, Any] = {}
+                if epsilon is not None:
+                    swept.update(epsilon_settings(method, base, epsilon))
+                if budget is not None:
+                    swept["budget"] = budget
+                for seed in range(seeds):
+                    # The swept values and the seed win over the preset and the overrides.
+                    config = merge_run_config(
+                        layer, overrides, swept, {"scenario": str(scenario), "seed": seed}
+                    )
+                    plan.append(
+                        PlannedRun(
+                            method,
+                            config["budget"] if sampling else None,
+                            epsilon,
+                            seed,
+                            config,
+                            unit,
+                        )
+                    )
+    return plan
+
+
 def run_compare(
     scenario: str | Path,
     methods: Sequence[str],
@@ -100,77 +278,76 @@ def run_compare(
     out: str | Path,
     *,
     budgets: Sequence[int] | None = None,
+    epsilons: Sequence[float] | None = None,
     engine: str = "ray",
     overrides: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every (method, budget, seed); write results.json after each run (so nothing is lost
-    if a later run fails), then results.md and the plots. Returns the records.
+    """Run every planned (method, budget, epsilon, seed); write results.json after each run (so
+    nothing is lost if a later run fails), then results.md and the plots. Returns the records.
 
-    Everything is validated before `out` is created: the seeds, every method name and setting,
-    the scenario and its data paths. The console shows one progress bar; Flower's log, Python
-    warnings and Ray's output go to `out`/compare.log (`verbose`: they print as well)."""
+    Everything is validated before `out` is created: the seeds, budgets, epsilons, every method
+    name and setting, the scenario and its data paths. The console shows one progress bar;
+    Flower's log, Python warnings and Ray's output go to `out`/compare.log (`verbose`: they print
+    as well)."""
     from tqdm import tqdm
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     if budgets is not None and any(not isinstance(b, int) or b < 1 for b in budgets):
         raise ValueError(f"budgets must be integers >= 1, got {list(budgets)}")
+    sweep = check_epsilons(epsilons) if epsilons is not None else None
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     scenario_path = resolve_path(scenario, "scenario")
-    layers = {m: preset_config(m) for m in methods}  # validate every name before running
-    # Every preset with the overrides, validated before any run (errors name the bad key).
-    checked = {m: merge_run_config(layers[m], overrides or {}) for m in methods}
-    data_roots = {checked[m]["data-root"] or None for m in methods}
+    plan = plan_runs(
+        scenario_path, methods, seeds, budgets=budgets, epsilons=sweep, overrides=overrides
+    )
     num_clients = 0
-    for data_root in sorted(data_roots, key=str):
+    for data_root in sorted({run.config["data-root"] or None for run in plan}, key=str):
         parsed = load_scenario(scenario_path, data_root)
         check_data_paths(parsed)
         num_clients = parsed.num_clients
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = []
-    for method in methods:
-        method_budgets = budgets if (budgets and checked[method]["method"] in SAMPLING) else [None]
-        for budget in method_budgets:
-            for seed in range(seeds):
-                plan.append((method, budget, seed))
     records: list[dict[str, Any]] = []
     with logs_to_file(out / LOG_NAME, verbose=verbose) as console:
         progress = tqdm(plan, desc="compare", unit="run", file=console, dynamic_ncols=True)
-        for method, budget, seed in progress:
-            label = method if budget is None else f"{method} B={budget}"
-            progress.set_postfix_str(f"{label} seed {seed}")
-            logging.getLogger("flwr").info("compare: %s, seed %d", label, seed)
-            # The swept budget and seed win over the preset and the overrides.
-            swept = {"scenario": str(scenario_path), "seed": seed}
-            if budget is not None:
-                swept["budget"] = budget
-            config = merge_run_config(layers[method], overrides or {}, swept)
+        for run in progress:
+            progress.set_postfix_str(f"{run.label} seed {run.seed}")
+            logging.getLogger("flwr").info("compare: %s, seed %d", run.label, run.seed)
             start = time.time()
-            report = run_once(config, num_clients, engine)
+            report = run_once(run.config, num_clients, engine)
             report.wall_s = time.time() - start
-            records.append(
-                to_record(
-                    report,
-                    method,
-                    config["budget"] if config["method"] in SAMPLING else None,
-                )
+            report.privacy_unit = run.unit.label
+            record = to_record(
+                report, run.method, run.budget, unit=run.unit, epsilon_target=run.epsilon_target
             )
+            records.append(record)
             (out / "results.json").write_text(json.dumps(records, indent=2))
         progress.close()
-        command = compare_command(scenario_path, methods, seeds, budgets, engine, overrides, out)
-        write_table(records, out / "results.md", scenario_path, command)
+        command = compare_command(
+            scenario_path, methods, seeds, budgets, engine, overrides, out, sweep
+        )
         write_plots(records, out)  # matplotlib's warnings, if any, go to the log too
+        write_results_md(records, out / "results.md", scenario_path, command)
     return records
 
 
-def _group(records: list[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[str, Any]]]:
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+GroupKey = tuple[str, Any, Any]  # (method, budget, epsilon target)
+
+
+def _group(records: list[dict[str, Any]]) -> dict[GroupKey, list[dict[str, Any]]]:
+    """Records by (method, budget, epsilon target), in run order."""
+    groups: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        groups[(record["method"], record["budget"])].append(record)
+        key = (record["method"], record["budget"], record.get("epsilon_target"))
+        groups[key].append(record)
     return groups
+
+
+def _unit(record: Mapping[str, Any]) -> PrivacyUnit:
+    return UNITS.get(record.get("privacy_unit", "none"), NONE)
 
 
 def mean_std(values: list[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
@@ -178,6 +355,11 @@ def mean_std(values: list[float], fmt: str = "{:.1f}", scale: float = 1.0) -> st
     if len(array) == 1:
         return fmt.format(array[0])
     return f"{fmt.format(array.mean())} ± {fmt.format(array.std(ddof=1))}"
+
+
+def _std(values: list[float]) -> float:
+    """The sample std over seeds (0 for one seed), as the table's ±."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _epsilon_text(values: list[Any]) -> str:
@@ -197,21 +379,26 @@ def _mean_compute(record: dict[str, Any]) -> float:
 
 
 def table_markdown(records: list[dict[str, Any]], *, aligned: bool = False) -> str:
-    """Methods as rows: accuracy (%) and domain precision mean ± std over seeds, epsilon per
-    client (max over seeds), bytes up/down per client (mean), client compute and wall time.
-    `aligned`: cells padded to their column's width (the same table, readable on a terminal)."""
+    """One row per (method, budget, epsilon target): the privacy unit and who adds the noise,
+    accuracy (%) and domain precision mean ± std over seeds, the epsilon target and the epsilon
+    charged per client (max over seeds), bytes up/down per client (mean), client compute and
+    wall time. `aligned`: cells padded to their column's width (readable on a terminal)."""
     header = (
-        "| method | budget | seeds | accuracy (%) | domain precision | epsilon (delta) | "
-        "bytes up / client | bytes down / client | client compute (s) | wall (s) |"
+        "| method | privacy unit | noise by | budget | epsilon target | seeds | accuracy (%) | "
+        "domain precision | epsilon charged (delta) | bytes up / client | "
+        "bytes down / client | client compute (s) | wall (s) |"
     )
-    lines = [header, "|" + "---|" * 10]
-    for (method, budget), group in _group(records).items():
+    lines = [header, "|" + "---|" * 13]
+    for (method, budget, target), group in _group(records).items():
+        unit = _unit(group[0])
         precision = [r["domain_precision"] for r in group if r["domain_precision"] is not None]
         delta = group[0]["delta"]
         eps = _epsilon_text([r["epsilon"] for r in group])
         eps_cell = eps if eps in ("inf", "0") or not delta else f"{eps} ({delta:g})"
         lines.append(
-            f"| {method} | {budget if budget is not None else '-'} | {len(group)} | "
+            f"| {method} | {unit.label} | {unit.noise_by} | "
+            f"{budget if budget is not None else '-'} | "
+            f"{f'{target:g}' if target is not None else '-'} | {len(group)} | "
             f"{mean_std([r['accuracy_mean'] for r in group], scale=100)} | "
             f"{mean_std(precision, '{:.3f}') if precision else '-'} | {eps_cell} | "
             f"{np.mean([_mean_bytes(r['bytes_up_per_client']) for r in group]):,.0f} | "
@@ -232,7 +419,7 @@ def _align(lines: list[str]) -> str:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
             continue
         cells = [
-            cell.ljust(width) if i == 0 or row is rows[0] else cell.rjust(width)
+            cell.ljust(width) if i < 3 or row is rows[0] else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         out.append("| " + " | ".join(cells) + " |")
@@ -247,6 +434,7 @@ def compare_command(
     engine: str,
     overrides: dict[str, Any] | None,
     out: Path,
+    epsilons: Sequence[float] | None = None,
 ) -> str:
     """The command line that reproduces a comparison (paths relative to the project root)."""
     try:
@@ -263,6 +451,8 @@ def compare_command(
     ]
     if budgets:
         parts.append(f"--budgets {','.join(str(b) for b in budgets)}")
+    if epsilons:
+        parts.append(f"--epsilons {','.join(f'{e:g}' for e in epsilons)}")
     parts.append(f"--engine {engine}")
     for key, value in (overrides or {}).items():
         parts.append(f"--set {key}={json.dumps(value)}")
@@ -270,96 +460,275 @@ def compare_command(
     return " ".join(parts)
 
 
-def write_table(records: list[dict[str, Any]], path: Path, scenario: Path, command: str) -> None:
-    """results.md: the table and the command that made it."""
+def versions() -> dict[str, str]:
+    """Python's and the key packages' versions (from their metadata: nothing is imported)."""
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict[str, str]:
+    """Where the comparison ran."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "CPUs": str(os.cpu_count()),
+    }
+
+
+def _units_table(records: list[dict[str, Any]]) -> str:
+    by_unit: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        if record["method"] not in by_unit[record.get("privacy_unit", "none")]:
+            by_unit[record.get("privacy_unit", "none")].append(record["method"])
+    lines = [
+        "| privacy unit | an epsilon protects | noise added by | trust assumption | methods |",
+        "|---|---|---|---|---|",
+    ]
+    for unit in sorted((UNITS[name] for name in by_unit), key=lambda u: -u.strength):
+        lines.append(
+            f"| {unit.label} | {unit.protects} | {unit.noise_by} | {unit.trust} | "
+            f"{', '.join(by_unit[unit.name])} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results_md(
+    records: list[dict[str, Any]], path: Path, scenario: Path, command: str
+) -> None:
+    """results.md (renders on GitHub): the command, the table with every method's privacy
+    unit, the headline plots (embedded if they exist next to it), versions, machine, date."""
+    units = [_unit(r) for r in records]
+    plots = [
+        ("Privacy-utility", PRIVACY_UTILITY_PNG),
+        ("Accuracy against communication", BYTES_PNG),
+        ("Accuracy against budget", BUDGET_PNG),
+    ]
+    figures = "".join(
+        f"### {title}\n\n![{title}]({name})\n\n"
+        for title, name in plots
+        if (path.parent / name).is_file()
+    )
+    env = {**versions(), **machine()}
+    env["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    env_rows = "\n".join(f"| {key} | {value} |" for key, value in env.items())
     path.write_text(
         f"# Comparison on `{scenario.name}`\n\n"
-        f"Made by `{command}` (see results.json for every run; accuracy is the mean over clients "
-        f"of each client's test accuracy, then mean ± std over seeds; epsilon is each client's "
-        f"total for the run).\n\n{table_markdown(records)}\n"
+        f"```\n{command}\n```\n\n"
+        "Accuracy is the mean over clients of each client's test accuracy, then mean ± std over "
+        "seeds. Epsilon is per client, the total for the run: the target the sweep asked for "
+        "and what the run really charged (max over seeds and clients: the clients' ledgers; for "
+        "client-level DP-FedAvg the server's accountant). results.json holds every run.\n\n"
+        f"{table_markdown(records)}\n\n{units_note(units)}\n\n"
+        f"## Privacy units\n\n{_units_table(records)}\n\n"
+        f"## Plots\n\n{figures}"
+        f"## Environment\n\n| | |\n|---|---|\n{env_rows}\n"
     )
 
 
-def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """accuracy-vs-epsilon.png, accuracy-vs-bytes.png (log x), accuracy-vs-budget.png."""
+def method_colours(methods: Sequence[str]) -> dict[str, str]:
+    """One colour per method, from the sorted method list: the same in every plot of a run."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    names = sorted(set(methods))
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: to_hex(cmap(i % cmap.N)) for i, name in enumerate(names)}
+
+
+def _series_label(method: str, unit: PrivacyUnit, extra: str = "") -> str:
+    return f"{method}{extra} [{unit.label}]"
+
+
+def _log_ticks(ax: Any, values: list[float]) -> None:
+    """The plotted values themselves as the log axis' ticks, written plainly (0.25, 1, 8)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = sorted(set(values))
+    if 0 < len(ticks) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _finish(fig: Figure, ax: Any, xlabel: str, note: str = "") -> None:
+    """Labels; a margin so no point or error bar touches an axis; the legend outside the axes
+    (it never hides a point); an optional sentence under the plot."""
+    import textwrap
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("client test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.08, y=0.08)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    if note:
+        fig.text(0.01, -0.02, textwrap.fill(note, 120), fontsize=7, va="top", ha="left")
+
+
+def make_figures(records: list[dict[str, Any]]) -> dict[str, Figure]:
+    """The plots of a comparison, by file name: privacy-utility.png, accuracy-vs-bytes.png and,
+    with several budgets, accuracy-vs-budget.png (one colour per method in all of them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _group(records)
-    paths = []
+    colours = method_colours([r["method"] for r in records])
+    unit_of = {r["method"]: _unit(r) for r in records}
+    budgets_of: dict[str, set[Any]] = defaultdict(set)
+    for method, budget, _target in groups:
+        budgets_of[method].add(budget)
+    markers = "osD^v<>p"
+    figures: dict[str, Figure] = {}
 
-    def finish(fig: Figure, ax: Axes, name: str, xlabel: str) -> None:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("client test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        paths.append(out / name)
+    def budget_text(method: str, budget: Any) -> str:
+        return f" B={budget}" if len(budgets_of[method]) > 1 else ""
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    finite = []
-    for (method, budget), group in groups.items():
-        eps = max(float(r["epsilon"]) for r in group)
+    def marker(method: str, budget: Any) -> str:
+        """A method's budgets differ by marker (its colour is its own)."""
+        ordered = sorted(budgets_of[method], key=lambda b: (b is None, b))
+        return markers[ordered.index(budget) % len(markers)]
+
+    def line(method: str, budget: Any) -> str:
+        """... and, on lines, by line style."""
+        ordered = sorted(budgets_of[method], key=lambda b: (b is None, b))
+        return LINE_STYLES[ordered.index(budget) % len(LINE_STYLES)]
+
+    # Privacy-utility: accuracy against epsilon, one line per private (method, budget).
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict[tuple[str, Any], list[tuple[float, float, float]]] = defaultdict(list)
+    references = []
+    for (method, budget, target), group in groups.items():
         acc = [100 * r["accuracy_mean"] for r in group]
-        label = method if budget is None else f"{method} B={budget}"
-        if math.isinf(eps):
-            ax.axhline(
-                np.mean(acc),
-                linestyle="--",
-                linewidth=1,
-                label=f"{label} (eps=inf)",
-                color=f"C{len(finite) % 10}",
-            )
+        unit = _unit(group[0])
+        eps = target if target is not None else max(float(r["epsilon"]) for r in group)
+        if unit is NONE or not (math.isfinite(eps) and eps > 0):
+            references.append((method, budget, unit, float(np.mean(acc)), group))
         else:
-            finite.append(eps)
-            ax.errorbar(
-                [max(eps, 1e-3)],
-                [np.mean(acc)],
-                yerr=[np.std(acc)],
-                fmt="o",
-                label=label,
-                capsize=3,
-            )
-    if finite:
-        ax.set_xscale("symlog", linthresh=0.1)
-    finish(
-        fig,
-        ax,
-        "accuracy-vs-epsilon.png",
-        "epsilon per client (total; 0 = never reads client data)",
-    )
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, budget), group in groups.items():
-        up = np.mean([_mean_bytes(r["bytes_up_per_client"]) for r in group])
-        acc = [100 * r["accuracy_mean"] for r in group]
-        label = method if budget is None else f"{method} B={budget}"
+            series[(method, budget)].append((float(eps), float(np.mean(acc)), _std(acc)))
+    xs: list[float] = []
+    for (method, budget), points in series.items():
+        points.sort()
+        xs += [p[0] for p in points]
         ax.errorbar(
-            [max(up, 1.0)], [np.mean(acc)], yerr=[np.std(acc)], fmt="o", label=label, capsize=3
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            marker=marker(method, budget),
+            linestyle=line(method, budget),
+            capsize=3,
+            color=colours[method],
+            label=_series_label(method, unit_of[method], budget_text(method, budget)),
+        )
+    for method, budget, unit, mean, group in references:
+        eps = _epsilon_text([r["epsilon"] for r in group])
+        ax.axhline(
+            mean,
+            linestyle="--",
+            linewidth=1.2,
+            color=colours[method],
+            label=f"{method}{budget_text(method, budget)} [{unit.label}, epsilon {eps}]",
         )
     ax.set_xscale("log")
-    finish(fig, ax, "accuracy-vs-bytes.png", "bytes uploaded per client (log)")
+    if xs:
+        _log_ticks(ax, xs)
+    else:
+        ax.set_xlim(0.1, 10)
+    units = [_unit(r) for r in records]
+    _finish(
+        fig,
+        ax,
+        "epsilon per client, total for the run (log)",
+        units_note(units) + " Error bars: std over seeds; dashed: methods without DP noise.",
+    )
+    ax.set_title("Privacy-utility")
+    figures[PRIVACY_UTILITY_PNG] = fig
 
-    sampling = {k: g for k, g in groups.items() if k[1] is not None}
-    if sampling:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-        for (method, budget), group in sampling.items():
-            acc = [100 * r["accuracy_mean"] for r in group]
-            by_method[method].append((budget, float(np.mean(acc)), float(np.std(acc))))
-        for method, points in by_method.items():
+    # Accuracy against bytes (up + down) per client, one point per group; the epsilons (and
+    # budgets) of points that coincide share one annotation, so no text overprints another.
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labelled: set[str] = set()
+    notes: dict[tuple[float, float], tuple[float, float, list[str]]] = {}
+    for (method, budget, target), group in groups.items():
+        total = [
+            _mean_bytes(r["bytes_up_per_client"]) + _mean_bytes(r["bytes_down_per_client"])
+            for r in group
+        ]
+        acc = [100 * r["accuracy_mean"] for r in group]
+        x, y = max(float(np.mean(total)), 1.0), float(np.mean(acc))
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=[_std(acc)],
+            marker=marker(method, budget),
+            capsize=3,
+            color=colours[method],
+            linestyle="none",
+            label=None if method in labelled else _series_label(method, unit_of[method]),
+        )
+        labelled.add(method)
+        if target is not None:
+            where = (round(math.log10(x), 1), round(y))
+            notes.setdefault(where, (x, y, []))[2].append(
+                f"eps {target:g}{budget_text(method, budget)}"
+            )
+    for x, y, texts in notes.values():
+        ax.annotate(
+            ", ".join(dict.fromkeys(texts)),
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=6,
+        )
+    ax.set_xscale("log")
+    _finish(fig, ax, "bytes up + down per client (log)")
+    ax.set_title("Accuracy against communication")
+    figures[BYTES_PNG] = fig
+
+    budgets = {b for (_m, b, _t) in groups if b is not None}
+    if len(budgets) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        by_series: dict[tuple[str, Any], list[tuple[int, float, float]]] = defaultdict(list)
+        for (method, budget, target), group in groups.items():
+            if budget is not None:
+                acc = [100 * r["accuracy_mean"] for r in group]
+                by_series[(method, target)].append((budget, float(np.mean(acc)), _std(acc)))
+        # A method's colour is its own; its epsilons differ by marker and line style.
+        targets_of: dict[str, list[Any]] = defaultdict(list)
+        for method, target in by_series:
+            targets_of[method].append(target)
+        for (method, target), points in by_series.items():
             points.sort()
+            extra = f" eps={target:g}" if target is not None else ""
+            index = sorted(targets_of[method], key=lambda t: (t is None, t)).index(target)
             ax.errorbar(
                 [p[0] for p in points],
                 [p[1] for p in points],
                 yerr=[p[2] for p in points],
-                marker="o",
-                label=method,
+                marker=markers[index % len(markers)],
+                linestyle=LINE_STYLES[index % len(LINE_STYLES)],
                 capsize=3,
+                color=colours[method],
+                label=_series_label(method, unit_of[method], extra),
             )
-        finish(fig, ax, "accuracy-vs-budget.png", "budget (selected pool samples)")
+        _finish(fig, ax, "budget (selected pool samples)")
+        ax.set_title("Accuracy against budget")
+        figures[BUDGET_PNG] = fig
+    return figures
+
+
+def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Save `make_figures` as PNGs in `out` (legend and note included); returns the paths."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in make_figures(records).items():
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out / name)
     return paths

@@ -73,13 +73,21 @@ METHODS = (
     "in-domain",
     "fedavg",
     "dp-fedavg",
+    "dp-fedavg-sample",
     "dssgd",
     "local",
     "centralized",
     "dp-linear-probe",
 )
 MODELS = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn")
-EXTRACTORS = ("random", "supervised", "pca")
+EXTRACTORS = ("random", "supervised", "pca", "efficientnet-lite0")
+TORCHVISION_PREFIX = "torchvision:"  # + a torchvision classification architecture (resnet18)
+# The architecture name is checked where torchvision is imported (this module is stdlib only).
+EXTRACTOR = Check(
+    lambda v: v in EXTRACTORS or (v.startswith(TORCHVISION_PREFIX) and v != TORCHVISION_PREFIX),
+    " \\| ".join((*EXTRACTORS, TORCHVISION_PREFIX + "<arch>")),
+    (*EXTRACTORS, TORCHVISION_PREFIX + "<arch>"),
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
         S("data-root", "", str, None,
           "resolve the scenario's relative data paths against this folder (empty: the "
           "scenario's)"),
+        S("pool", "", str, None,
+          "deployment: a pool TOML naming the public pool the server owns; the server then "
+          "reads only those paths, never the scenario (empty: the scenario's pool, simulation)"),
         S("method", "ecos", str, one_of(*METHODS), "which server loop runs"),
         S("seed", 0, int, NON_NEGATIVE, "model init, training order, sampling"),
         S("model", "small-cnn", str, one_of(*MODELS), "the task model"),
@@ -203,9 +214,17 @@ SETTINGS: tuple[Setting, ...] = (
           "the most samples any client holds (public): each node's noisy score vector is "
           "clipped to this count per centroid and in total, plus the noise's slack, so no node "
           "weighs more than one full client (post-processing: no privacy cost)"),
-        S("extractor", "random", str, one_of(*EXTRACTORS),
+        S("extractor", "random", str, EXTRACTOR,
           "the feature map phi: `random` (untrained small CNN: keeps style, measured best for "
-          "domain precision), `supervised` (trained on the labelled pool), `pca`"),
+          "domain precision), `supervised` (trained on the labelled pool), `pca`, "
+          "`efficientnet-lite0` (ImageNet-pretrained, the `pretrained` extra; 1280-d), "
+          "`torchvision:<arch>` (e.g. `torchvision:resnet18`, weights from `extractor-weights`)"),
+        S("extractor-weights", "", str, None,
+          "the `torchvision:<arch>` map's state-dict file (a local .pth; never downloaded)"),
+        S("extractor-shipping", "by-name", str, one_of("by-name", "weights"),
+          "how a pretrained map (`efficientnet-lite0`) reaches clients: `by-name` (its name and "
+          "weights SHA-256 only; a client without the same weights file refuses, naming both "
+          "digests) or `weights` (shipped and counted like any map)"),
         S("extractor-epochs", 5, int, NON_NEGATIVE, "training epochs of the `supervised` map"),
         S("pca-components", 64, int, AT_LEAST_ONE, "components of the `pca` map"),
         S("cloud-epochs", 30, int, NON_NEGATIVE, "epochs of cloud training on the selection"),
@@ -297,6 +316,15 @@ SETTINGS: tuple[Setting, ...] = (
         S("dp-target-epsilon", 0.0, float, NON_NEGATIVE,
           "> 0: calibrate `dp-noise-multiplier` so the whole run costs this epsilon (at delta) "
           "per client"),
+        S("dp-sample-epsilon", 1.0, float, POSITIVE,
+          "sample-level DP-FedAvg: the whole run's record-level epsilon (at delta) per client; "
+          "each client calibrates its DP-SGD noise to it and charges its own ledger"),
+        S("dp-sample-rate", 0.1, float, FRACTION,
+          "sample-level DP-FedAvg: the public Poisson rate q of each DP-SGD step (a local epoch "
+          "is int(1/q) steps, whatever a client's size); set `batch-size`, the public divisor of "
+          "the noisy gradient sum, near q times a typical client's train size"),
+        S("dp-max-grad-norm", 1.0, float, POSITIVE,
+          "sample-level DP-FedAvg: the per-sample gradient clipping norm"),
     ),
 )  # fmt: skip
 del S

@@ -156,6 +156,28 @@ def test_the_tallies_check_claims_against_before_and_against_the_others():
     assert "node 14: partition-id 1 is already claimed by node 12" in problems
 
 
+def test_a_node_with_its_own_data_is_keyed_by_its_node_id_and_cannot_be_impersonated():
+    own = MetricRecord({"sigma": 1.0, "epsilon-spent": 1.0})  # no partition-id: node-owned data
+    query = QueryTally(4)
+    query.add(
+        [
+            reply_from(
+                21, "query.ecos", RecordDict({"scores": ArrayRecord([np.ones(4)]), "metrics": own})
+            ),
+            _query_reply(22, 21),  # a simulation label that is the other node's id
+        ]
+    )
+    assert dict(query.node_to_client) == {21: 21}
+    assert "node 22: partition-id 21 is already claimed by node 21" in [
+        str(e) for e in query.rejected
+    ]
+    evaluation = EvaluationTally(known_clients={21: 21})
+    evaluation.add(
+        [reply_from(21, "evaluate", RecordDict({"metrics": MetricRecord({"accuracy": 0.8})}))]
+    )
+    assert dict(evaluation.accuracy) == {21: 0.8}
+
+
 # ------------------------------------------------------------------------ DSSGD uploads
 def _huge_upload(msg: Message, context) -> Message:
     """An honest participant whose upload values are multiplied by 1e30."""

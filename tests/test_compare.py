@@ -57,11 +57,16 @@ def test_results_schema_table_and_plots(scenario, tmp_path):
         elif record["method"] == "local":
             assert record["budget"] is None and epsilon == 0.0
     table = (out / "results.md").read_text()
-    rows = ("| ecos | 30 | 2 |", "| ecos | 60 | 2 |", "| random | 60 | 2 |", "| local | - | 2 |")
+    rows = (
+        "| ecos | record-level | client | 30 | - | 2 |",
+        "| ecos | record-level | client | 60 | - | 2 |",
+        "| random | none (no DP) | - | 60 | - | 2 |",
+        "| local | none (no DP) | - | - | - | 2 |",
+    )
     for row in rows:
         assert row in table
     assert "ecos-flower compare" in table  # the command that made it
-    for name in ("accuracy-vs-epsilon.png", "accuracy-vs-bytes.png", "accuracy-vs-budget.png"):
+    for name in ("privacy-utility.png", "accuracy-vs-bytes.png", "accuracy-vs-budget.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

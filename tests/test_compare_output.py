@@ -13,7 +13,7 @@ import pytest
 from flower_helpers import FAST, tiny_scenario
 
 from ecos_flower import compare as compare_module
-from ecos_flower.cli import main
+from ecos_flower.cli import DEFAULT_EPSILONS, DEFAULT_METHODS, main
 from ecos_flower.compare import LOG_NAME, run_compare
 from ecos_flower.flower.fedavg import without_labels
 
@@ -47,7 +47,7 @@ def test_console_shows_the_progress_bar_and_the_table_the_log_has_flowers_lines(
     assert str(out / LOG_NAME) in stdout  # the console says where the log is
     log = (out / LOG_NAME).read_text()
     assert "INFO" in log and FLOWER_LINE in log
-    assert "compare: random, seed 0" in log and "compare: local, seed 0" in log
+    assert "compare: random B=60, seed 0" in log and "compare: local, seed 0" in log
 
 
 def test_console_table_is_aligned(scenario, tmp_path, capfd):
@@ -172,8 +172,9 @@ def test_help_shows_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for default in (
         "(default: simulations/embedded.toml)",
-        "(default: ecos,random,kcenter,dssgd,fedavg)",
+        f"(default: {DEFAULT_METHODS})",
         "(default: 1)",
+        f"(default: {DEFAULT_EPSILONS})",
         "(default: each preset's budget)",
         "(default: ray)",
         "default: none)",

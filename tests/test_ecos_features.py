@@ -114,7 +114,13 @@ def test_validation(images, labels) -> None:
         pca.transform(torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match="kind"):
         extractor_from_arrays("pca", pca.to_arrays(), {**pca.config(), "kind": "random"})
-    assert set(EXTRACTOR_KINDS) == {"supervised", "random", "pca", "torchvision"}
+    assert set(EXTRACTOR_KINDS) == {
+        "supervised",
+        "random",
+        "pca",
+        "torchvision",
+        "efficientnet-lite0",
+    }
 
 
 def test_feature_cache(tmp_path, images) -> None:

@@ -259,9 +259,10 @@ MALFORMED = {
         ),
         "no MetricRecord 'metrics'",
     ),
-    "no partition-id": (
-        lambda i, v, m: _content(i, v, _without(m, "partition-id")),
-        "no 'partition-id'",
+    # (No partition-id at all is a node with its own data: it is keyed by its node id.)
+    "fractional partition-id": (
+        lambda i, v, m: _content(i, v, MetricRecord({**dict(m.items()), "partition-id": 0.5})),
+        "is not an integer",
     ),
     "no epsilon-epoch": (
         lambda i, v, m: _content(i, v, _without(m, "epsilon-epoch")),
@@ -269,7 +270,7 @@ MALFORMED = {
     ),
     "stolen partition-id": (
         lambda i, v, m: _content(i, v, MetricRecord({**dict(m.items()), "partition-id": 0})),
-        "belongs to node",
+        "already claimed by node",
     ),
     "crash": (lambda i, v, m: (_ for _ in ()).throw(RuntimeError("boom")), "ClientApp error"),
 }

@@ -45,6 +45,7 @@ RUNS = (
     DSSGD_DP,
     {"method": "fedavg"},
     {"method": "dp-fedavg"},
+    {"method": "dp-fedavg-sample", "dp-sample-rate": 0.5},
     {"method": "local", "local-train-epochs": 1},
     {"method": "centralized", "cloud-epochs": 1},
 )
@@ -180,6 +181,7 @@ PRIVATE = {
     "query.knn": ("knn-votes", {}),
     "train.dssgd": ("dssgd-svt", {}),
     "evaluate.finetune": ("dp-head-fit", {"report-metrics": True}),
+    "train.dpsgd": ("dpsgd-update", {}),
 }
 
 
@@ -344,6 +346,7 @@ CRAFTED = {
     "query.knn": ("knn", ("query.ecos",)),
     "train.dssgd": ("dssgd", ()),
     "evaluate.finetune": ("finetune", ()),
+    "train.dpsgd": ("dpsgd", ()),
 }
 CONFIG_FIELDS = ("model", "batch-size", "learning-rate", "seed", "num-classes", "device")
 
@@ -405,7 +408,9 @@ def test_no_reply_of_any_handler_carries_exact_sizes_losses_or_timings(world, tm
         if kind == "train.dpfedavg":
             assert reply.content["metrics"]["num-examples"] == 1  # uniform weights
     assert json.loads(json.dumps(sorted(captured)))  # every message kind was exercised
-    assert {"query.ecos", "query.knn", "train.dssgd", "evaluate.finetune"} <= set(captured)
+    assert {"query.ecos", "query.knn", "train.dssgd", "evaluate.finetune", "train.dpsgd"} <= set(
+        captured
+    )
 
 
 def test_a_node_refusing_to_evaluate_is_named_with_its_own_reason(world, tmp_path):

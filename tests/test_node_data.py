@@ -96,6 +96,30 @@ def test_npz_with_and_without_class_names(tmp_path):
     assert node_class_names(plain) is None
 
 
+@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize("bad_label", [-1, 99])
+def test_one_sample_with_a_bad_label_is_left_out_not_an_error(tmp_path, named, bad_label):
+    # Totality: D (with the bad sample) and D' (without it) give the node the same shard, so
+    # nothing a handler answers after its charge depends on that one sample.
+    images = np.random.default_rng(1).integers(0, 256, (9, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 2] * 3)
+    extra = {"class_names": np.array(["bird", "cat", "dog"])} if named else {}
+    with_bad, without = tmp_path / "d.npz", tmp_path / "d_prime.npz"
+    np.savez(
+        with_bad,
+        images=np.concatenate([images, images[:1]]),
+        labels=np.append(labels, bad_label),
+        **extra,
+    )
+    np.savez(without, images=images, labels=labels, **extra)
+    shards = [
+        load_node_data(path, image_size=8, channels=1, class_names=SERVER, test_fraction=0.0)
+        for path in (with_bad, without)
+    ]
+    assert all_labels(shards[0]) == all_labels(shards[1])
+    assert torch.equal(shards[0].train.images, shards[1].train.images)
+
+
 def test_node_missing_a_class_is_fine(tmp_path):
     # `bird` absent, `cat` present but empty: names are a subset of the server's.
     root = write_tree(tmp_path / "node", {"cat": 0, "dog": 5})

@@ -46,6 +46,7 @@ from ecos_flower.client.baselines import (
     local_training_handler,
 )
 from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.dp_fedavg import dpsgd_train_handler, handle_dpsgd_train
 from ecos_flower.client.dssgd import (
     dssgd_evaluate_handler,
     dssgd_train_handler,
@@ -77,6 +78,7 @@ __all__ = [
     "data_upload_handler",
     "dp_clipping_mod",
     "dp_fedavg_train_handler",
+    "dpsgd_train_handler",
     "dssgd_evaluate_handler",
     "dssgd_train_handler",
     "ecos_handler",
@@ -86,6 +88,7 @@ __all__ = [
     "guarded",
     "handle_data_upload",
     "handle_dp_fedavg_train",
+    "handle_dpsgd_train",
     "handle_dssgd_evaluate",
     "handle_dssgd_train",
     "handle_ecos_query",

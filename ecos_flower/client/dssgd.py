@@ -28,6 +28,7 @@ from ecos_flower.client.data import LoadData, check_data_source, client_shard
 from ecos_flower.client.messages import DSSGD_CONFIG, DSSGD_EVALUATION, DSSGD_TASK, TaskRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.data import ClientShard
+from ecos_flower.data.federation import derive_seed
 from ecos_flower.dssgd import (
     InvalidUpdateError,
     SparseUpdate,
@@ -204,7 +205,9 @@ def answer_dssgd_train(
         epochs=1,
         batch_size=config["batch-size"],
         learning_rate=config["learning-rate"],
-        seed=seed * 1_000_003 + index * 10_007 + steps,
+        # one 32-bit training seed per (run seed, participant, step): a deployed node's index
+        # is its 64-bit node id, which no arithmetic seed may overflow
+        seed=derive_seed(seed, index, steps),
         theta_u=theta_u,
         mode=task["upload-mode"],
         gamma=gamma,

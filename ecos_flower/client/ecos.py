@@ -21,7 +21,7 @@ from ecos_flower.client.data import LoadData, check_data_source, client_shard
 from ecos_flower.client.messages import ECOS_QUERY, MAX_CENTROIDS, MAX_DIM, QueryRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.ecos import FeatureExtractor, coverage_scores, score_sensitivity
-from ecos_flower.ecos.features import check_arrays_fit, extractor_class
+from ecos_flower.ecos.features import check_arrays_fit, extractor_class, extractor_digest
 from ecos_flower.flower.validation import checked_numpy, declared_shape
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 from ecos_flower.privacy.ledger import PrivacyEvent
@@ -95,7 +95,12 @@ def read_extractor(
     held against `max-extractor-params` and its output dimension against `max-dim` and the
     query's `dim`; a torchvision architecture must be in the node's `torchvision-archs` (if
     set); the shipped arrays' names and shapes must be the architecture's state dict (from a
-    meta-device module). Only then are the arrays decoded and the extractor built."""
+    meta-device module). Only then are the arrays decoded and the extractor built.
+
+    A query without weights for an extractor this node does not hold is answered only for a
+    kind that ships by name (a pretrained extractor): built from the node's own weights file
+    after the same limits, refused (naming both digests) unless that file and the build are
+    the ones the query names."""
     digest = query["extractor-hash"]
     if "extractor" in msg.content:
         record = msg.content["extractor"]
@@ -111,7 +116,7 @@ def read_extractor(
         return extractor
     saved = context.state.get(EXTRACTOR_STATE_KEY + "-config")
     if saved is None or saved["hash"] != digest:
-        raise QueryRejected("query names an extractor this node has not received")
+        return _local_extractor(query, context.node_config, dim)
     return _checked_extractor(
         context.state[EXTRACTOR_STATE_KEY],
         str(saved["kind"]),
@@ -129,6 +134,37 @@ def _allowed_archs(node_config: Mapping[str, Any]) -> list[str] | None:
     return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
+def _parsed_config(kind: str, config_text: str) -> tuple[type[FeatureExtractor], dict[str, Any]]:
+    try:
+        config = json.loads(config_text)
+        return extractor_class(kind, config), config
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise QueryRejected(f"extractor config refused: {exc}") from exc
+
+
+def _local_extractor(
+    query: Mapping[str, Any], node_config: Mapping[str, Any], dim: int
+) -> FeatureExtractor:
+    """The extractor a query names without weights, from this node's own files (see
+    `read_extractor`)."""
+    kind, digest = query["extractor-kind"], query["extractor-hash"]
+    cls, config = _parsed_config(kind, query["extractor-config"])
+    if not cls.ships_by_name:
+        raise QueryRejected("query names an extractor this node has not received")
+    _check_size(cls, kind, config, {}, node_config, dim)
+    try:
+        extractor = cls.from_local(config)
+    except ValueError as exc:  # no such file here, or a different one (both digests named)
+        raise QueryRejected(f"extractor refused: {exc}") from exc
+    local = extractor_digest(extractor)
+    if local != digest:
+        raise QueryRejected(
+            f"{kind} extractor digest mismatch: the query names {digest}, this node's own "
+            f"build is {local}"
+        )
+    return extractor
+
+
 def _checked_extractor(
     record: ArrayRecord,
     kind: str,
@@ -136,42 +172,15 @@ def _checked_extractor(
     node_config: Mapping[str, Any],
     dim: int,
 ) -> FeatureExtractor:
-    try:
-        config = json.loads(config_text)
-        cls = extractor_class(kind, config)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise QueryRejected(f"extractor config refused: {exc}") from exc
-    if kind == "torchvision":
-        allowed = _allowed_archs(node_config)
-        if allowed is not None and config.get("arch") not in allowed:
-            raise QueryRejected(
-                f"torchvision architecture {config.get('arch')!r} is not in this node's "
-                f"torchvision-archs={','.join(allowed) or '(none)'}"
-            )
+    cls, config = _parsed_config(kind, config_text)
     try:  # the .npy headers only: nothing is decoded yet
         shapes = {
             name: declared_shape(array, f"extractor array {name!r}")
             for name, array in record.items()
         }
-        parameters, output = cls.declared_size(config, shapes)
     except ValueError as exc:
         raise QueryRejected(f"extractor refused: {exc}") from exc
-    limit = _limit(node_config, "max-extractor-params")
-    if parameters > limit:
-        raise QueryRejected(
-            f"the {kind} extractor's architecture has {parameters} parameters, above this "
-            f"node's max-extractor-params={limit}"
-        )
-    max_dim = _limit(node_config, MAX_DIM.key)
-    if output is not None and output > max_dim:
-        raise QueryRejected(
-            f"the {kind} extractor gives {output}-dimensional features, above this node's "
-            f"{MAX_DIM.key}={max_dim}"
-        )
-    if output is not None and output != dim:
-        raise QueryRejected(
-            f"extractor gives {output}-dimensional features, the query says dim={dim}"
-        )
+    _check_size(cls, kind, config, shapes, node_config, dim)
     try:
         check_arrays_fit(cls.declared_arrays(config, shapes), shapes)
     except ValueError as exc:
@@ -191,6 +200,44 @@ def _checked_extractor(
     if out is not None and out != dim:
         raise QueryRejected(f"extractor gives {out}-dimensional features, the query says dim={dim}")
     return extractor
+
+
+def _check_size(
+    cls: type[FeatureExtractor],
+    kind: str,
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    node_config: Mapping[str, Any],
+    dim: int,
+) -> None:
+    """Refuse an architecture outside the node's limits, from its declared size alone."""
+    if kind == "torchvision":
+        allowed = _allowed_archs(node_config)
+        if allowed is not None and config.get("arch") not in allowed:
+            raise QueryRejected(
+                f"torchvision architecture {config.get('arch')!r} is not in this node's "
+                f"torchvision-archs={','.join(allowed) or '(none)'}"
+            )
+    try:
+        parameters, output = cls.declared_size(config, shapes)
+    except ValueError as exc:
+        raise QueryRejected(f"extractor refused: {exc}") from exc
+    limit = _limit(node_config, "max-extractor-params")
+    if parameters > limit:
+        raise QueryRejected(
+            f"the {kind} extractor's architecture has {parameters} parameters, above this "
+            f"node's max-extractor-params={limit}"
+        )
+    max_dim = _limit(node_config, MAX_DIM.key)
+    if output is not None and output > max_dim:
+        raise QueryRejected(
+            f"the {kind} extractor gives {output}-dimensional features, above this node's "
+            f"{MAX_DIM.key}={max_dim}"
+        )
+    if output is not None and output != dim:
+        raise QueryRejected(
+            f"extractor gives {output}-dimensional features, the query says dim={dim}"
+        )
 
 
 def answer_ecos_query(

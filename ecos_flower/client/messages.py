@@ -21,7 +21,8 @@ Refusal texts (after the kind's prefix, e.g. ``query rejected:``)::
     radius is only used with score-mode 'radius'   a field sent where it has no meaning
 
 Every message kind the project's ClientApp answers is declared here: `ECOS_QUERY`, `KNN_QUERY`,
-`DSSGD_TASK`, `DSSGD_EVALUATION`, `DSSGD_CONFIG`, `FINETUNE_REQUEST` and `MODEL_CONFIG`.
+`DSSGD_TASK`, `DSSGD_EVALUATION`, `DSSGD_CONFIG`, `FINETUNE_REQUEST`, `DPSGD_TASK` and
+`MODEL_CONFIG`.
 """
 
 from __future__ import annotations
@@ -385,6 +386,24 @@ FINETUNE_REQUEST = MessageSpec(
     ),
 )
 """`evaluate.finetune`, record `finetune`: the DP head fit the server asks for."""
+
+DPSGD_TASK = MessageSpec(
+    "dpsgd",
+    "task",
+    TaskRejected,
+    (
+        EPSILON,  # the whole run's target (all its rounds), not one round's
+        DELTA,
+        Field("num-rounds", int, low=1, high=NodeLimit("max-dpsgd-rounds", 10_000)),
+        Field("local-epochs", int, low=1, high=NodeLimit("max-local-epochs", 1_000)),
+        Field("sample-rate", float, low=NodeLimit("min-sample-rate", 1e-4), high=1),
+        Field("max-grad-norm", float, low=0, low_open=True),
+        Field("expected-batch-size", float, low=1, high=1e6),
+        Field("learning-rate", float, low=0, low_open=True),
+    ),
+)
+"""`train.dpsgd`, record `dpsgd`: sample-level DP-FedAvg's DP-SGD task (the run's target epsilon
+and length, the public Poisson rate and normaliser); the node calibrates the noise itself."""
 
 MODEL_CONFIG = MessageSpec("config", "config", MessageRejected, (MODEL, NUM_CLASSES))
 """The task model a FedAvg, local or fine-tuning message names: its architecture and classes."""

@@ -3,11 +3,16 @@
 The ECOS setting: a `share` fraction of the client domain is private and split over the clients;
 the rest of it is public and (if the client domain is a pool domain) joins the pool together
 with every other pool domain. Everything is deterministic by the scenario seed.
+
+A scenario is a simulation: its federation holds every client's data. A deployed server reads
+only its own public pool (`ecos_flower.data.pool`, run-config `pool`), a Federation without
+clients, scenario or client domain.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,20 +36,46 @@ class ClientShard:
 
 @dataclass(frozen=True)
 class Federation:
-    """Client shards plus the public pool (labels and per-sample domain ids kept)."""
+    """Client shards plus the public pool (labels and per-sample domain ids kept).
 
-    scenario: Scenario
+    Attributes
+    ----------
+    scenario : Scenario or None
+        The scenario it was built from; None for a server-owned pool (`ecos_flower.data.pool`).
+    clients : tuple of ClientShard
+        Every client's data (simulation only); empty for a server-owned pool.
+    pool : ImageSet
+        The public pool, at the image size and channels every node is told.
+    client_domain : str or None
+        The pool domain the clients' data comes from; None when the server does not know it
+        (a server-owned pool): then no pool sample is known to be client-domain.
+    num_classes : int
+        The size of the label space.
+    class_names : tuple of str
+        Name of each label 0..num_classes-1 (an image-folder domain's folder names, else the
+        label's text: "0".."9" for the digit loaders); what the server tells the nodes.
+    """
+
+    scenario: Scenario | None
     clients: tuple[ClientShard, ...]
     pool: ImageSet
-    client_domain: str
+    client_domain: str | None
     num_classes: int
     class_names: tuple[str, ...] = ()
-    """Name of each label 0..num_classes-1 (an image-folder domain's folder names, else the
-    label's text: "0".."9" for the digit loaders); what the server tells the nodes."""
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    @property
+    def image_size(self) -> int:
+        """The side of every (square) image: what a node reading its own data resizes to."""
+        return int(self.pool.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        """1 (grey) or 3 (RGB): what a node reading its own data converts to."""
+        return int(self.pool.images.shape[1])
 
 
 def derive_seed(seed: int, *tags: int) -> int:
@@ -88,16 +119,27 @@ def scenario_class_names(scenario: Scenario, num_classes: int) -> tuple[str, ...
     """The name of each label 0..num_classes-1: the names the domains' sources define (an
     image-folder tree's class folders), else the label's text. DataError if two domains name
     one label differently (their folders list different classes)."""
+    return merge_class_names(
+        ((spec.name, domain_class_names(spec.loader, spec.path)) for spec in scenario.domains),
+        num_classes,
+    )
+
+
+def merge_class_names(
+    named: Iterable[tuple[str, Mapping[int, str]]], num_classes: int
+) -> tuple[str, ...]:
+    """The name of each label 0..num_classes-1 from (domain, label -> name) pairs; a label no
+    domain names is its text. DataError if two domains name one label differently."""
     names: dict[int, tuple[str, str]] = {}
-    for spec in scenario.domains:
-        for label, name in domain_class_names(spec.loader, spec.path).items():
+    for domain, labels in named:
+        for label, name in labels.items():
             if label in names and names[label][1] != name:
                 other, known = names[label]
                 raise DataError(
                     f"class names differ across domains: label {label} is {known!r} in "
-                    f"{other!r} but {name!r} in {spec.name!r}"
+                    f"{other!r} but {name!r} in {domain!r}"
                 )
-            names[label] = (spec.name, name)
+            names[label] = (domain, name)
     result = tuple(names[i][1] if i in names else str(i) for i in range(num_classes))
     if len(set(result)) != len(result):
         raise DataError(f"class names are not unique: {list(result)}")

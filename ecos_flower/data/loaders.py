@@ -205,6 +205,19 @@ def folder_class_names(root: Path) -> dict[int, str]:
     }
 
 
+def decode_image(file: str | Path) -> np.ndarray:
+    """One image file as a uint8 array: (H, W) for grey modes, (H, W, 3) otherwise (RGBA,
+    palette, CMYK... become RGB). DataError naming the file if Pillow cannot read it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L") if img.mode in _GREY_MODES else img.convert("RGB")
+            return np.array(img)  # writable: torch.as_tensor warns on read-only arrays
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{file}: cannot read image: {exc}") from None
+
+
 def read_image_tree(
     root: Path, size: int, allow_empty: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -212,7 +225,6 @@ def read_image_tree(
     each image's class folder into the returned sorted folder names, those names). Images of
     mixed sizes or modes are each brought to RGB `size` squares. An empty class folder is a
     DataError unless `allow_empty`; a tree without any image always is."""
-    from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
@@ -228,12 +240,7 @@ def read_image_tree(
         raise DataError(f"{root}: no image files in any class folder")
     arrays, labels = [], []
     for file, idx in ds.samples:
-        try:
-            with Image.open(file) as img:
-                img = img.convert("L") if img.mode in _GREY_MODES else img.convert("RGB")
-                arrays.append(np.asarray(img))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{file}: cannot read image: {exc}") from None
+        arrays.append(decode_image(file))
         labels.append(idx)
     y = torch.tensor(labels, dtype=torch.int64)
     if len({a.shape for a in arrays}) == 1:

@@ -180,18 +180,30 @@ def _load_raw(
         raise DataError(f"{file}: images must be (N, C, H, W) or (N, H, W), got {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{file}: {labels.shape} labels for {images.shape[0]} images")
-    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
-        raise DataError(f"{file}: labels must be non-negative integers")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{file}: labels must be integers, got {labels.dtype}")
+    names = _npz_class_names(file)
+    # One sample's bad label must not change what the node answers (mechanisms are total): such
+    # samples are left out, never an error raised on the whole data set.
+    usable = (labels >= 0) & (labels < len(names) if names is not None else True)
+    images, labels = images[usable], labels[usable]
     if images.shape[0] == 0:
         raise DataError(f"{file}: no images")
     if images.dtype.kind not in "uif":
         raise DataError(f"{file}: images must be numbers, got {images.dtype}")
     scale = 255.0 if images.dtype == np.uint8 else max(float(images.max()), 1.0)
     x = to_float_images(images, scale)
-    names = _npz_class_names(file)
-    if names is not None and int(labels.max()) >= len(names):
-        raise DataError(f"{file}: label {int(labels.max())} has no entry in class_names")
     return standardize(x, image_size, channels), torch.from_numpy(labels.astype(np.int64)), names
+
+
+def read_labelled(
+    path: str | Path, image_size: int, channels: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...] | None]:
+    """An ImageFolder tree or `.npz` read whole (cached): images at `image_size` with
+    `channels`, each image's label index, and the names those index (a tree's sorted class
+    folders, an npz's `class_names`; None for an npz without them: its labels are indices)."""
+    file = _check_path(path)
+    return _load_raw(str(file.resolve()), _signature(file), int(image_size), int(channels))
 
 
 def load_node_data(
@@ -215,14 +227,11 @@ def load_node_data(
         raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction}")
     file = _check_path(path)
     mapping = label_mapping(node_class_names(file), class_names, f"node data {file}")
-    x, idx, names = _load_raw(str(file.resolve()), _signature(file), int(image_size), int(channels))
+    x, idx, names = read_labelled(file, int(image_size), int(channels))
     if names is None:  # npz without class_names: labels are the server's indices already
-        if len(idx) and int(idx.max()) >= len(class_names):
-            raise DataError(
-                f"{file}: label {int(idx.max())} outside the server's {len(class_names)} classes "
-                "(add class_names to the file to map labels by name)"
-            )
-        labels = idx
+        # A label outside the server's classes leaves that sample out (totality, as above).
+        inside = idx < len(class_names)
+        x, labels = x[inside], idx[inside]
     else:
         assert mapping is not None
         labels = torch.tensor([mapping[n] for n in names], dtype=torch.int64)[idx]
@@ -259,28 +268,37 @@ def export_shards(
     node folders. By default a shard's train and test parts go together: a node splits its own
     data (its `split-seed` / `test-fraction`), so it should get the whole shard, as a data owner
     holds all its data; `train_only` keeps the simulation's test part out (a held-out check)."""
-    from PIL import Image
-
     from .federation import load_federation
 
     federation = load_federation(scenario, data_root=data_root)
-    names = [_safe_class_folder(n) for n in federation.class_names]
     out = Path(out)
     folders = []
     for i, shard in enumerate(federation.clients):
         node = out / f"node-{i}"
-        if node.exists() and any(node.iterdir()):
-            raise DataError(f"{node} exists and is not empty: export into a new folder")
-        for name in names:
-            (node / name).mkdir(parents=True, exist_ok=True)
         data = shard.train if train_only else ImageSet.concat([shard.train, shard.test])
-        pixels = (data.images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        counts = [0] * len(names)
-        for image, label in zip(pixels, data.labels.tolist(), strict=True):
-            array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-            Image.fromarray(array, "L" if image.shape[0] == 1 else "RGB").save(
-                node / names[label] / f"{counts[label]}.png"
-            )
-            counts[label] += 1
+        write_image_tree(data, node, federation.class_names)
         folders.append(node)
     return folders
+
+
+def write_image_tree(data: ImageSet, folder: Path, class_names: Sequence[str]) -> Path:
+    """Write `data` as the ImageFolder tree `folder/<class-name>/<n>.png` (8-bit grey or RGB
+    PNGs at its image size; every class gets a folder, empty if `data` holds none of it).
+    DataError if `folder` exists and is not empty."""
+    from PIL import Image
+
+    names = [_safe_class_folder(n) for n in class_names]
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise DataError(f"{folder} exists and is not empty: export into a new folder")
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    pixels = (data.images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    counts = [0] * len(names)
+    for image, label in zip(pixels, data.labels.tolist(), strict=True):
+        array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        Image.fromarray(array, "L" if image.shape[0] == 1 else "RGB").save(
+            folder / names[label] / f"{counts[label]}.png"
+        )
+        counts[label] += 1
+    return folder

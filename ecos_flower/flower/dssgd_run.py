@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from ecos_flower.data import load_federation
+from ecos_flower.data.pool import server_federation
 from ecos_flower.dssgd import flatten_params
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport
@@ -115,17 +115,13 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
     accuracy, epsilon per participant (pure DP ledger totals) and bytes."""
     start = time.time()
     seed = config["seed"]
-    federation = load_federation(
-        config["scenario"],
-        data_root=config["data-root"] or None,
-        num_clients=config.get("num-clients"),
-    )
-    scenario = federation.scenario
+    federation = server_federation(config)
     metered = RoundMeter(grid)
     nodes = sorted(grid.get_node_ids())
     tick = time.perf_counter()
+    # The model's shape needs only the pool's label space and image shape: no client data.
     model = seeded_model(
-        config["model"], seed, federation.num_classes, scenario.channels, scenario.image_size
+        config["model"], seed, federation.num_classes, federation.channels, federation.image_size
     )
     initial = ArrayRecord({"params": Array(flatten_params(model))})
     strategy = make_strategy(config, federation.num_classes)
@@ -148,6 +144,11 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
         evaluate_config=client_config(config),
     )
     phase_seconds.update(metered.seconds)
+    if strategy.accepted == 0:  # every step refused or rejected: no model was trained
+        reasons = {n: f"refused: {r}" for n, r in strategy.refused.items()}
+        reasons.update((e.node_id, f"rejected: {e.problem}") for e in strategy.rejected)
+        listed = "; ".join(f"node {n}: {r}" for n, r in sorted(reasons.items()))
+        raise RuntimeError(f"DSSGD accepted no upload in {num_rounds} round(s): {listed}")
     evaluations = result.evaluate_metrics_clientapp
     final = evaluations[num_rounds]  # the last round is always evaluated (or start() raised)
     accuracy = per_client(final, "accuracy")

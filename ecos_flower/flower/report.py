@@ -28,6 +28,9 @@ class RunReport:
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    # What the epsilon protects (a `PrivacyUnit.label` from ecos_flower.privacy.units), set by
+    # whoever knows the run config (the CLI, the comparison); printed next to every epsilon.
+    privacy_unit: str = ""
 
     @property
     def accuracy_mean(self) -> float:
@@ -73,8 +76,11 @@ class RunReport:
                 f"{self.bytes_up_per_client.get(client, 0):>12,}  "
                 f"{self.bytes_down_per_client.get(client, 0):>12,}"
             )
+        unit = f", {self.privacy_unit}" if self.privacy_unit else ""
         eps_text = (
-            "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.3f} (delta={self.delta:g})"
+            "inf"
+            if math.isinf(self.epsilon)
+            else f"{self.epsilon:.3f} (delta={self.delta:g}{unit})"
         )
         lines.append(
             f"{self.method}: mean accuracy {self.accuracy_mean:.4f} over "

@@ -4,8 +4,8 @@ public pool, the cloud trains the task model on it, and every client evaluates t
 The protocol is `ecos_flower.strategy.Ecos.start()`; this module builds the strategy from the run
 config and turns its Result into the run's report. Random, K-Center and In-domain are `Ecos` with
 a `selector` (they share every step after selection; only the selection skips the query) and the
-oracle is `Ecos(noise=False)`. Only the public pool is read on the server; clients' shards are
-touched only by their ClientApps.
+oracle is `Ecos(noise=False)`. Only the public pool is read on the server (the server-owned
+pool file when run-config `pool` is set); clients' shards are touched only by their ClientApps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from ecos_flower.data import Federation, load_federation
+from ecos_flower.data import Federation
+from ecos_flower.data.pool import server_federation
 from ecos_flower.ecos import (
     InDomainSampler,
     KCenterSampler,
@@ -65,11 +66,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         raise ValueError(f"{method!r} is not a sampling method ({', '.join(SAMPLING_METHODS)})")
     start, timer = time.time(), PhaseTimer()
     seed = config["seed"]
-    federation = load_federation(
-        config["scenario"],
-        data_root=config["data-root"] or None,
-        num_clients=config.get("num-clients"),
-    )
+    federation = server_federation(config)
     pool = federation.pool
     metered = MeteredGrid(grid)
     cache = Path(config["feature-cache"]) if config["feature-cache"] else None
@@ -86,7 +83,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
             pool.domains.numpy(), _client_domain_id(federation), seed=seed
         ),
     }.get(method, lambda: None)()
-    delivery = ExtractorDelivery()
+    delivery = ExtractorDelivery(by_name=config["extractor-shipping"] == "by-name")
     cloud = _CloudStep(config, federation, metered, features, extractor, delivery)
     strategy = Ecos(
         budget=config["budget"],
@@ -180,7 +177,13 @@ def _report(
                 "extractor-bytes": extractor.num_bytes(),
             }
         )
-    if federation.client_domain in pool.domain_names:
+    if federation.client_domain is None:
+        extra["domain-precision"] = None
+        extra["domain-precision-note"] = (
+            "not computed: the server owns only its pool (run-config `pool`) and does not know "
+            "which pool samples are of the clients' domain"
+        )
+    elif federation.client_domain in pool.domain_names:
         extra["domain-precision"] = domain_precision(
             selected, pool.domains.numpy(), _client_domain_id(federation)
         )

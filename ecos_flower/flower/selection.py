@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecos_flower.config import TORCHVISION_PREFIX
 from ecos_flower.data import Federation
 from ecos_flower.ecos import FeatureExtractor, make_extractor
 from ecos_flower.flower.payload import MeteredGrid
@@ -32,10 +33,18 @@ def build_extractor(config: dict[str, Any], federation: Federation) -> FeatureEx
         extractor = make_extractor(kind, seed=seed, device=device)
     elif kind == "pca":
         extractor = make_extractor(kind, n_components=config["pca-components"], seed=seed)
+    elif kind == "efficientnet-lite0":  # frozen: "fitting" loads the installed weights file
+        extractor = make_extractor(kind, device=device)
+    elif kind.startswith(TORCHVISION_PREFIX):
+        weights = config.get("extractor-weights", "")
+        if not weights:
+            raise ValueError(f"extractor {kind!r} needs extractor-weights: a local state-dict file")
+        arch = kind.removeprefix(TORCHVISION_PREFIX)
+        extractor = make_extractor("torchvision", weights_path=weights, arch=arch, device=device)
     else:
         raise ValueError(
             f"extractor {kind!r} is not available from the run config; "
-            "choose supervised, random or pca"
+            "choose supervised, random, pca, efficientnet-lite0 or torchvision:<arch>"
         )
     pool = federation.pool
     return extractor.fit(pool.images, pool.labels)

@@ -62,7 +62,9 @@ def client_config(config: Mapping[str, Any]) -> ConfigRecord:
     config keys it carries what `server_app.run_method` sets from the federation, not from any
     run config: `num-classes`, `class-names` (JSON list, the pool's class names in label order)
     and the scenario's `image-size` / `channels` (a node reading its own data needs all three)."""
-    return ConfigRecord({key: config[key] for key in CLIENT_KEYS if key in config})
+    # With a server-owned pool there is no scenario to point nodes at: they read their own data.
+    omit = ("scenario", "data-root") if config.get("pool") else ()
+    return ConfigRecord({k: config[k] for k in CLIENT_KEYS if k in config and k not in omit})
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, settle: float = 3.0) -> list[int]:

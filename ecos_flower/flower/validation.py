@@ -155,6 +155,30 @@ def metric(
     return value
 
 
+def claimed_client(reply: Message, known: Mapping[int, int]) -> int:
+    """The client a reply speaks for: its simulation label `partition-id` (an integer >= 0) if
+    it carries one, else its node id (a deployed node with its own data has no partition). The
+    same this node claimed before (`known`: node -> client, earlier rounds and this one) and
+    claimed by no other node; otherwise InvalidReplyError (a duplicate claim names both nodes)."""
+    node = reply.metadata.src_node_id
+    if "partition-id" in reply_record(reply, "metrics", MetricRecord):
+        value = metric(reply, "partition-id", low=0)
+        if not value.is_integer():
+            raise InvalidReplyError(node, f"partition-id {value:g} is not an integer")
+        client = int(value)
+    else:
+        client = int(node)
+    before = known.get(node)
+    if before is not None and before != client:
+        raise InvalidReplyError(node, f"partition-id changed from {before} to {client}")
+    for other, other_client in known.items():
+        if other != node and other_client == client:
+            raise InvalidReplyError(
+                node, f"partition-id {client} is already claimed by node {other}"
+            )
+    return client
+
+
 def refusal(reply: Message) -> str | None:
     """The client's stated reason when it refused a query (e.g. its privacy budget), else None."""
     if reply.has_error() or "refusal" not in reply.content:

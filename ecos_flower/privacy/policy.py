@@ -110,6 +110,18 @@ MECHANISMS: dict[str, MechanismSpec] = {
             "technique",
         ),
         MechanismSpec(
+            "dpsgd-update",
+            True,
+            ("arrays",),
+            (*_NODE, "weight", "noise-multiplier", "sample-rate", "steps", *_BUDGET),
+            "record-level add/remove of one client sample (DP-SGD with Poisson sampling; the "
+            "node composes every round into its ledger)",
+            "the model after local DP-SGD (per-sample clipped gradients + Gaussian noise, the "
+            "noise calibrated by the node; the sum divided by the public expected batch size); "
+            "weight is the constant 1; noise-multiplier, sample-rate and steps follow from the "
+            "message alone",
+        ),
+        MechanismSpec(
             "exact-counts",
             False,
             ("scores",),

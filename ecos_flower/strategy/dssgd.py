@@ -36,6 +36,7 @@ from ecos_flower.flower.validation import (
     InvalidReplyError,
     answers,
     checked_numpy,
+    claimed_client,
     drop_events,
     first_reply_per_node,
     metric,
@@ -550,18 +551,7 @@ class Dssgd(Strategy):
 
     def _client_of(self, reply: Message) -> int:
         """The reply's partition id, consistent with what this node and the others said before."""
-        node = reply.metadata.src_node_id
-        value = metric(reply, "partition-id", low=0)
-        if not value.is_integer():
-            raise InvalidReplyError(node, f"partition-id {value:g} is not an integer")
-        client = int(value)
-        known = self._node_to_client.get(node)
-        if known is not None and known != client:
-            raise InvalidReplyError(node, f"partition-id changed from {known} to {client}")
-        for other, other_client in self._node_to_client.items():
-            if other != node and other_client == client:
-                raise InvalidReplyError(node, f"partition-id {client} belongs to node {other}")
-        return client
+        return claimed_client(reply, self._node_to_client)
 
     def _reject_all(self, errors: Iterable[InvalidReplyError]) -> None:
         for error in errors:

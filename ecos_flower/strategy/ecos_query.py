@@ -7,7 +7,6 @@ whole run. A rejected reply is logged with its node and never enters a tally.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -19,37 +18,41 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore import log
 
 from ecos_flower.ecos import FeatureExtractor, aggregate_scores, score_sensitivity
+from ecos_flower.ecos.features import extractor_digest
 from ecos_flower.flower.validation import (
     InvalidReplyError,
     ReplyTally,
     answers,
+    claimed_client,
     float_vector,
     metric,
 )
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
-from ecos_flower.strategy.evaluation import claimed_client
 
 # Noise stds of slack in a node's score bound: an honest noisy score leaves [count - 6 sigma,
 # count + 6 sigma] with probability ~2e-9 per centroid.
 NOISE_SLACK = 6.0
 
 
-def extractor_digest(extractor: FeatureExtractor) -> str:
-    """Content hash of an extractor's config and weights: clients cache it under this name."""
-    digest = hashlib.sha256(json.dumps(extractor.config(), sort_keys=True, default=str).encode())
-    for name, array in sorted(extractor.to_arrays().items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:32]
-
-
 class ExtractorDelivery:
     """Which nodes hold which extractor (by digest): a node is sent an extractor's weights until
     it has answered a query that carried them. One instance may be shared by every round of a
-    run (the ECOS query, a kNN labelling query) so no node downloads the same weights twice."""
+    run (the ECOS query, a kNN labelling query) so no node downloads the same weights twice.
 
-    def __init__(self) -> None:
+    With `by_name`, an extractor that `ships_by_name` (a pretrained one whose config names its
+    weights file by SHA-256) is sent to every node by name and digest only, no weight bytes:
+    each node builds it from its own copy of the file and refuses, naming both digests, if its
+    file differs (or it has none). Without it, weights ship as for any extractor."""
+
+    def __init__(self, by_name: bool = False) -> None:
+        self.by_name = bool(by_name)
         self._held: set[tuple[int, str]] = set()
+
+    def ships_weights(self, node_id: int, digest: str, extractor: FeatureExtractor) -> bool:
+        """Whether a query to `node_id` must carry `extractor`'s weights."""
+        if self.by_name and type(extractor).ships_by_name:
+            return False
+        return self.needs(node_id, digest)
 
     def needs(self, node_id: int, digest: str) -> bool:
         """Whether `node_id` must be sent the extractor with `digest`."""
@@ -137,7 +140,8 @@ def query_messages(
     delivery: ExtractorDelivery | None = None,
 ) -> list[Message]:
     """One `query.ecos` message per node: centroids, the score config, and the extractor's
-    weights for nodes that do not hold them yet (all nodes without a `delivery`)."""
+    weights for nodes that do not hold them yet (all nodes without a `delivery`; none for an
+    extractor the `delivery` sends by name)."""
     digest = extractor_digest(extractor)
     query = {
         "num-centroids": int(centroids.shape[0]),
@@ -153,14 +157,14 @@ def query_messages(
     }
     if settings.radius is not None:
         query["radius"] = float(settings.radius)
-    centroid_record = ArrayRecord({"centroids": _array(centroids.astype(np.float32))})
-    weights = ArrayRecord({k: _array(v) for k, v in extractor.to_arrays().items()})
+    centroid_record = ArrayRecord({"centroids": wire_array(centroids.astype(np.float32))})
+    weights = ArrayRecord({k: wire_array(v) for k, v in extractor.to_arrays().items()})
     messages = []
     for node_id in node_ids:
         content = RecordDict(
             {"centroids": centroid_record, "ecos": ConfigRecord(query), "config": client_config}
         )
-        if delivery is None or delivery.needs(node_id, digest):
+        if delivery is None or delivery.ships_weights(node_id, digest, extractor):
             content["extractor"] = weights
         messages.append(Message(content, node_id, "query.ecos", group_id=str(server_round)))
     return messages
@@ -264,5 +268,8 @@ class QueryTally(ReplyTally):
         return dict(self._clipped)
 
 
-def _array(values: np.ndarray) -> Array:
-    return Array(np.ascontiguousarray(values))
+def wire_array(values: np.ndarray) -> Array:
+    """`values` as a C-contiguous Flower Array, keeping its shape."""
+    # np.require, not np.ascontiguousarray: the latter makes 0-d arrays 1-d, and a BatchNorm's
+    # 0-d `num_batches_tracked` would then not fit the architecture a client declares.
+    return Array(np.require(values, requirements="C"))

@@ -16,31 +16,12 @@ from flwr.serverapp import Grid
 from ecos_flower.flower.validation import (
     InvalidReplyError,
     ReplyTally,
+    claimed_client,
     drop_events,
     first_reply_per_node,
     metric,
     refusal,
 )
-
-
-def claimed_client(reply: Message, known: Mapping[int, int]) -> int:
-    """The reply's `partition-id`: an integer >= 0, the same this node claimed before (`known`:
-    node -> partition id, earlier rounds and this one) and claimed by no other node; otherwise
-    InvalidReplyError (a duplicate claim names both nodes)."""
-    node = reply.metadata.src_node_id
-    value = metric(reply, "partition-id", low=0)
-    if not value.is_integer():
-        raise InvalidReplyError(node, f"partition-id {value:g} is not an integer")
-    client = int(value)
-    before = known.get(node)
-    if before is not None and before != client:
-        raise InvalidReplyError(node, f"partition-id changed from {before} to {client}")
-    for other, other_client in known.items():
-        if other != node and other_client == client:
-            raise InvalidReplyError(
-                node, f"partition-id {client} is already claimed by node {other}"
-            )
-    return client
 
 
 def evaluate_messages(

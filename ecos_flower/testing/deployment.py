@@ -17,10 +17,12 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -224,12 +226,18 @@ class LocalDeployment:
         *,
         certificates: Mapping[str, Path] | None = None,
         supernode_auth: bool = False,
+        workers: Sequence[Mapping[str, Any] | None] | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         if supernode_auth and certificates is None:
             raise ValueError("SuperNode authentication needs TLS: pass certificates=")
+        if workers is not None and len(workers) != len(node_configs):
+            raise ValueError("give one worker node config (or None) per SuperNode")
         self.workdir = Path(workdir)
         self.node_configs = [dict(c) for c in node_configs]
+        self.worker_configs = list(workers or [None] * len(self.node_configs))
+        self.workers: list[subprocess.Popen] = []
+        self._socket_dir: Path | None = None
         self.certificates = certificates  # keys: ca, server-cert, server-key
         self.supernode_auth = supernode_auth
         self.startup_timeout = startup_timeout
@@ -297,12 +305,31 @@ class LocalDeployment:
             _wait_for_port(port, superlink, superlink.log_path, self.startup_timeout)
         self._write_connection()
         for index, node_config in enumerate(self.node_configs):
+            if self.worker_configs[index] is not None:
+                socket_path = self.start_worker(self.worker_configs[index], f"worker-{index}")
+                node_config = {**node_config, "worker": str(socket_path)}
             key = None
             if self.supernode_auth:
                 key, public = generate_supernode_key(self.workdir / "keys", f"supernode-{index}")
                 self.register_supernode(public, name=f"supernode-{index}")
             self.start_supernode(node_config, name=f"supernode-{index}", auth_key=key)
         return self
+
+    def start_worker(self, node_config: Mapping[str, Any], name: str) -> Path:
+        """Start `ecos-flower node-worker` with this node config (its data, policy, ledger) and
+        wait until it listens; returns its socket (give it to the SuperNode as `worker`)."""
+        if self._socket_dir is None:  # short: Unix socket paths are limited to 107 bytes
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="ecos-sock-"))
+        socket_path = self._socket_dir / f"{name}.sock"
+        config_text = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+        args = [str(self.bindir / "ecos-flower"), "node-worker", "--socket", str(socket_path)]
+        if config_text:
+            args += ["--node-config", config_text]
+        process = self._spawn(name, args)
+        self.workers.append(process)
+        if wait_for_log(process, ["node worker listening"], self.startup_timeout) is None:
+            raise RuntimeError(f"{name} did not start:\n{process.log_path.read_text()[-3000:]}")
+        return socket_path
 
     def start_supernode(
         self,
@@ -404,6 +431,8 @@ class LocalDeployment:
         """Terminate the started processes and everything they started (SuperExec, app
         processes), by process id; kill what is still alive after a grace period."""
         _terminate(self.processes)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalDeployment:
         try:

@@ -34,3 +34,17 @@ def write_tiny_scenario(folder: Path, num_clients: int = 3) -> Path:
     path = Path(folder) / "tiny.toml"
     path.write_text(TINY_SCENARIO.format(num_clients=num_clients))
     return path
+
+
+def write_tiny_deployment(folder: Path, num_clients: int = 3) -> tuple[Path, list[Path]]:
+    """The tiny scenario as a deployment's folders: `folder/pool/pool.toml` with one ImageFolder
+    tree per pool domain (the server's run-config `pool`) and `folder/node-<i>/` per node (its
+    node config `data`). The scenario file itself goes to `folder/scenario/tiny.toml`, which
+    neither the server nor a node needs. Returns (pool file, node folders)."""
+    from ecos_flower.data.node_data import export_shards
+    from ecos_flower.data.pool import export_pool
+
+    folder = Path(folder)
+    scenario = write_tiny_scenario(folder / "scenario", num_clients)
+    nodes = export_shards(scenario, folder)
+    return export_pool(scenario, folder / "pool"), nodes
