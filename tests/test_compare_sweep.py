@@ -138,14 +138,12 @@ def test_a_set_that_the_sweep_overrides_is_an_error(scenario):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Every private preset at two epsilons, and three public ones: one in-process compare."""
-    import os
-
     folder = tmp_path_factory.mktemp("sweep")
     home = folder / "home"
     home.mkdir()
-    saved = {k: os.environ.get(k) for k in ("HOME", "FLWR_HOME")}
-    os.environ.update(HOME=str(home), FLWR_HOME=str(home / ".flwr"))
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(home))
+        env.setenv("FLWR_HOME", str(home / ".flwr"))
         scenario = tiny_scenario(folder)
         out = folder / "cmp"
         methods = [*PRIVATE, "random", "local", "fedavg"]
@@ -158,12 +156,6 @@ def sweep(tmp_path_factory):
             engine="in-process",
             overrides=TINY,
         )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return methods, records, out
 
 

@@ -56,9 +56,6 @@ LEAK_METRICS = ("num-examples", "train-loss", "compute-s")
 def world(tmp_path_factory):
     """(scenario, {message type: first message of that type}) from real runs."""
     folder = tmp_path_factory.mktemp("hostile")
-    saved = {k: os.environ.get(k) for k in ("FLWR_HOME", "HOME")}
-    os.environ["FLWR_HOME"] = str(folder / "flwr")
-    os.environ["HOME"] = str(folder)
     scenario = tiny_scenario(folder)
     captured: dict[str, Message] = {}
 
@@ -66,15 +63,11 @@ def world(tmp_path_factory):
         captured.setdefault(msg.metadata.message_type, wire_copy(msg))
         return client_app(msg, context)
 
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLWR_HOME", str(folder / "flwr"))
+        env.setenv("HOME", str(folder))
         for run in RUNS:
             run_tiny(scenario, grid=InProcessGrid(recording, 3), **run)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return scenario, captured
 
 
