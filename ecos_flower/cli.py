@@ -85,6 +85,7 @@ def compare(args: argparse.Namespace) -> None:
         engine=args.engine,
         overrides=parse_overrides(args.set or []),
         verbose=args.verbose,
+        resume=args.resume,
     )
     print(table_markdown(records, aligned=True) + "\n")
     print(units_note([UNITS[r["privacy_unit"]] for r in records]))
@@ -247,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare_parser.add_argument(
         "--out", default="results/compare", help="folder for the results and compare.log"
+    )
+    compare_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of OUT/results.json that this command plans (same method, budget, "
+        "epsilon, seed and run config) and run only the missing ones (default: run all)",
     )
     compare_parser.add_argument(
         "-v",

@@ -12,6 +12,7 @@ keeps the target next to the epsilon the run really charged (the clients' ledger
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import numpy as np
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
     from matplotlib.figure import Figure
 
+from ecos_flower.config import DEFAULT_RUN_CONFIG
 from ecos_flower.console import logs_to_file
 from ecos_flower.data import DataError, Scenario, load_scenario
 from ecos_flower.dssgd.svt import svt_scales
@@ -207,6 +209,21 @@ class PlannedRun:
     unit: PrivacyUnit
 
     @property
+    def key(self) -> tuple[str, int | None, float | None, int]:
+        """What identifies the run inside one comparison folder."""
+        return (self.method, self.budget, self.epsilon_target, self.seed)
+
+    @property
+    def config_sha256(self) -> str:
+        """A digest of the run config's non-default values: a resumed folder reuses a record
+        only if it was made with the same settings (scenario, overrides, preset contents). Keys
+        at their default are left out, so a release that adds a run-config key does not make
+        every earlier record look foreign."""
+        changed = {k: v for k, v in self.config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
+        text = json.dumps(changed, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
     def label(self) -> str:
         parts = [self.method]
         if self.budget is not None:
@@ -271,6 +288,35 @@ def plan_runs(
     return plan
 
 
+def _record_key(record: Mapping[str, Any]) -> tuple[str, int | None, float | None, int]:
+    return (record["method"], record["budget"], record["epsilon_target"], record["seed"])
+
+
+def reusable_records(plan: Sequence[PlannedRun], results: Path) -> dict[int, dict[str, Any]]:
+    """The records of an earlier, interrupted run of the same comparison, by plan index.
+
+    A record is reused when its (method, budget, epsilon target, seed) is planned and, if it
+    carries a `config_sha256` (every record written since resuming exists), that digest matches
+    the planned run's config; records of other runs are dropped."""
+    if not results.exists():
+        return {}
+    try:
+        earlier = json.loads(results.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--resume: {results} is not valid JSON ({error})") from None
+    by_key = {_record_key(record): record for record in earlier}
+    reused: dict[int, dict[str, Any]] = {}
+    for index, run in enumerate(plan):
+        record = by_key.get(run.key)
+        if record is None:
+            continue
+        digest = record.get("config_sha256")
+        if digest is not None and digest != run.config_sha256:
+            continue
+        reused[index] = record
+    return reused
+
+
 def run_compare(
     scenario: str | Path,
     methods: Sequence[str],
@@ -282,9 +328,12 @@ def run_compare(
     engine: str = "ray",
     overrides: dict[str, Any] | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every planned (method, budget, epsilon, seed); write results.json after each run (so
     nothing is lost if a later run fails), then results.md and the plots. Returns the records.
+    `resume`: reuse the records of `out`/results.json that belong to this plan (see
+    `reusable_records`) and run only the rest.
 
     Everything is validated before `out` is created: the seeds, budgets, epsilons, every method
     name and setting, the scenario and its data paths. The console shows one progress bar;
@@ -309,10 +358,24 @@ def run_compare(
         check_data_paths(parsed)
         num_clients = parsed.num_clients
     out = Path(out)
+    reused = reusable_records(plan, out / "results.json") if resume else {}
     out.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    with logs_to_file(out / LOG_NAME, verbose=verbose) as console:
-        progress = tqdm(plan, desc="compare", unit="run", file=console, dynamic_ncols=True)
+    records: list[dict[str, Any]] = [reused[index] for index in sorted(reused)]
+    todo = [run for index, run in enumerate(plan) if index not in reused]
+    with logs_to_file(out / LOG_NAME, verbose=verbose, append=resume) as console:
+        if reused:
+            logging.getLogger("flwr").info(
+                "compare: resuming, %d of %d runs reused from results.json", len(reused), len(plan)
+            )
+        progress = tqdm(
+            todo,
+            desc="compare",
+            unit="run",
+            file=console,
+            dynamic_ncols=True,
+            initial=len(reused),
+            total=len(plan),
+        )
         for run in progress:
             progress.set_postfix_str(f"{run.label} seed {run.seed}")
             logging.getLogger("flwr").info("compare: %s, seed %d", run.label, run.seed)
@@ -323,6 +386,7 @@ def run_compare(
             record = to_record(
                 report, run.method, run.budget, unit=run.unit, epsilon_target=run.epsilon_target
             )
+            record["config_sha256"] = run.config_sha256
             records.append(record)
             (out / "results.json").write_text(json.dumps(records, indent=2))
         progress.close()

@@ -79,7 +79,8 @@ METHODS = (
     "centralized",
     "dp-linear-probe",
 )
-MODELS = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn")
+MODELS = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn", "linear-head", "mlp-head")
+HEAD_MODELS = MODELS[-2:]  # train on the run's pretrained `extractor` features
 EXTRACTORS = ("random", "supervised", "pca", "efficientnet-lite0")
 TORCHVISION_PREFIX = "torchvision:"  # + a torchvision classification architecture (resnet18)
 # The architecture name is checked where torchvision is imported (this module is stdlib only).
@@ -313,6 +314,9 @@ SETTINGS: tuple[Setting, ...] = (
           "epochs of a client training alone (method `local`)"),
         S("dp-noise-multiplier", 1.0, float, NON_NEGATIVE, "DP-FedAvg's noise multiplier"),
         S("dp-clipping-norm", 1.0, float, POSITIVE, "DP-FedAvg's client-side clipping norm"),
+        S("dp-server-noise-seed", -1, int, at_least(-1),
+          "client-level DP-FedAvg: seed of the server's noise (-1: fresh OS entropy; research "
+          "only: a known seed makes the noise replayable)"),
         S("dp-target-epsilon", 0.0, float, NON_NEGATIVE,
           "> 0: calibrate `dp-noise-multiplier` so the whole run costs this epsilon (at delta) "
           "per client"),

@@ -43,8 +43,11 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 @contextlib.contextmanager
-def logs_to_file(log_path: str | Path, *, verbose: bool = False) -> Iterator[TextIO]:
-    """Route the output of everything run inside to `log_path` (created, or emptied); yields the
+def logs_to_file(
+    log_path: str | Path, *, verbose: bool = False, append: bool = False
+) -> Iterator[TextIO]:
+    """Route the output of everything run inside to `log_path` (created, or emptied; `append`:
+    added to); yields the
     stream the command's own output (its progress bar) goes to: the console.
 
     Quiet (default): Flower's `flwr` logger, Python warnings and anything written to sys.stdout,
@@ -57,7 +60,7 @@ def logs_to_file(log_path: str | Path, *, verbose: bool = False) -> Iterator[Tex
     to the file as well."""
     log_path = Path(log_path)
     flower = logging.getLogger(FLOWER_LOGGER)
-    log_file = open(log_path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
+    log_file = open(log_path, "a" if append else "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
     file_handler = logging.StreamHandler(log_file)
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))

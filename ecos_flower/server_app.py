@@ -30,6 +30,7 @@ from ecos_flower.flower.fedavg import run_dp_fedavg_sample, run_fedavg
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.sampling_run import SAMPLING_METHODS, run_sampling
 from ecos_flower.flower.settings import merge_run_config, resolve_path, wait_for_nodes
+from ecos_flower.flower.task_space import name_head_extractor
 from ecos_flower.models import set_torch_threads
 
 METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
@@ -103,6 +104,7 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
     config["class-names"] = format_class_names(federation.class_names)
     config["image-size"] = federation.image_size
     config["channels"] = federation.channels
+    name_head_extractor(config, federation)  # a head model: which extractor, by name + digest
     # BLAS/OpenMP pools (scikit-learn's K-means, numpy) get the same thread count as torch:
     # on small shared machines their default of one thread per core ran K-means 8x slower.
     with threadpool_limits(limits=config["torch-threads"]):

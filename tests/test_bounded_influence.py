@@ -88,10 +88,12 @@ def test_the_bound_clips_each_entry_and_the_total_mass():
 
 
 def test_an_inflating_node_is_clipped_named_and_the_selection_stays_honest(scenario10, flwr_home):
-    # One node of ten sends 1e12 for every centroid. Clipped, it weighs one full client (a
-    # tenth of the mass): measured domain precision 1.0 honest, 0.88 attacked; with the bound
-    # off in effect (10^13 samples per client) the attacker dictates the selection (0.13).
-    run = {**ECOS_RUN, "max-client-count": _max_client(scenario10)}
+    # One node of ten sends 1e12 for every centroid. Clipped, it weighs at most the bound's
+    # positive mass (one full client plus the noise allowance): measured domain precision 1.0
+    # honest, 0.83-0.88 attacked (CPU-dependent K-means); with the bound off in effect (10^13
+    # samples per client) the attacker dictates the selection (0.13).
+    max_client = _max_client(scenario10)
+    run = {**ECOS_RUN, "max-client-count": max_client}
     honest, _ = run_tiny(scenario10, 10, **run)
     grid = InProcessGrid(client_app, 10, client_apps={1: _inflating})
     attacked, grid = run_tiny(scenario10, grid=grid, **run)
@@ -104,7 +106,15 @@ def test_an_inflating_node_is_clipped_named_and_the_selection_stays_honest(scena
     }
     print("domain precision:", precision)
     assert not honest.extra["clipped"]
-    assert precision["attacked"] >= precision["honest"] - 0.15
+    # What the clipping guarantees: the attacker's share of the aggregate mass moves at most that
+    # share of the budget off-domain, plus one unit of largest-remainder rounding per centroid.
+    bound = ScoreBound.for_query(max_client, QuerySettings(epsilon=1.0, delta=1e-5))
+    attacker_mass = bound.limits(ECOS_RUN["num-centroids"])[2]
+    shards = load_federation(scenario10).clients
+    honest_mass = sum(len(shard.train) for i, shard in enumerate(shards) if i != 1)
+    share = attacker_mass / (attacker_mass + honest_mass)
+    rounding = ECOS_RUN["num-centroids"] / ECOS_RUN["budget"]
+    assert precision["attacked"] >= precision["honest"] - share - rounding
     assert precision["dictated"] < precision["attacked"]
     # The run went on: everyone evaluated, the attacker's clipping is reported by name.
     assert sorted(attacked.accuracy_per_client) == list(range(10))

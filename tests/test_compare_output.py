@@ -200,3 +200,44 @@ def test_without_labels_keeps_the_measurements():
     metrics = MetricRecord({"partition-id": 0.9985, "train-loss": 2.2, "compute-s": 0.4})
     assert dict(without_labels(metrics)) == {"train-loss": 2.2, "compute-s": 0.4}
     assert without_labels(None) is None
+
+
+def test_resume_runs_only_what_an_interrupted_compare_left_and_reruns_a_changed_config(
+    scenario, tmp_path, monkeypatch
+):
+    out = tmp_path / "cmp"
+    real_run_once = compare_module.run_once
+    calls: list[tuple[str, int]] = []
+
+    def interrupted(config, num_clients, engine):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the third run never finishes
+        calls.append((config["method"], config["seed"]))
+        return real_run_once(config, num_clients, engine)
+
+    monkeypatch.setattr(compare_module, "run_once", interrupted)
+    common = {"engine": "in-process", "overrides": FAST}
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(scenario, ["random", "local"], seeds=2, out=out, **common)
+    assert calls == [("random", 0), ("random", 1)]
+    assert len(json.loads((out / "results.json").read_text())) == 2
+
+    calls.clear()
+    records = run_compare(scenario, ["random", "local"], seeds=2, out=out, resume=True, **common)
+    assert calls == [("local", 0), ("local", 1)]  # the two random runs are reused
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("random", 0),
+        ("random", 1),
+        ("local", 0),
+        ("local", 1),
+    ]
+    assert "| random |" in (out / "results.md").read_text()
+    assert "resuming, 2 of 4 runs reused" in (out / LOG_NAME).read_text()
+
+    # A different run config (same method, budget and seed) is not the same comparison.
+    calls.clear()
+    changed = {**FAST, "num-centroids": 5}
+    run_compare(
+        scenario, ["random"], seeds=1, out=out, resume=True, engine="in-process", overrides=changed
+    )
+    assert calls == [("random", 0)]

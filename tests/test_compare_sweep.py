@@ -7,8 +7,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flower_helpers import FAST, tiny_scenario
+from flower_helpers import FAST, reply_from, tiny_scenario
 
 from ecos_flower import compare as compare_module
 from ecos_flower.cli import main
@@ -105,7 +106,7 @@ def test_dssgd_per_upload_budget_follows_its_epochs_and_split(scenario):
     # published split: 5/9 of dssgd-epsilon per upload, 4 uploads per participant.
     assert run.config["dssgd-epsilon"] * 5 / 9 * 4 == pytest.approx(1.0)
     (run,) = plan_runs(scenario, ["dssgd-dp-eps1"], 1, epsilons=[1.0])
-    assert run.config["dssgd-epsilon"] == pytest.approx(0.1)  # the preset's own comment: 20 x 0.05
+    assert run.config["dssgd-epsilon"] == pytest.approx(0.025)  # the preset's comment: 80 x 0.0125
 
 
 def test_epsilons_preset_runs_each_preset_at_its_own_epsilon(tmp_path, flwr_home, monkeypatch):
@@ -344,14 +345,41 @@ def test_the_same_command_twice_gives_the_same_numbers(scenario, tmp_path):
         assert first[method]["epsilon"] == second[method]["epsilon"], method
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Flower's DP-FedAvg server adds its noise from numpy's global RNG; no noise-seed "
-    "reaches it (ecos_flower/flower/baselines_run.py needs a server noise seed)",
-)
-def test_client_level_dp_fedavg_repeats(scenario, tmp_path):
+def test_client_level_dp_fedavg_repeats_given_the_servers_noise_seed(scenario, tmp_path):
+    # The in-process engine derives the server's noise seed from the run's seed.
     first, second = _twice(scenario, tmp_path, ["dp-fedavg"])
     assert first["dp-fedavg"]["accuracy_per_client"] == second["dp-fedavg"]["accuracy_per_client"]
+
+
+def test_the_servers_noise_seed_replays_flowers_noise_and_leaves_the_global_rng_alone():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from ecos_flower.flower.baselines_run import SeededServerNoise
+
+    def aggregate(noise_seed: int) -> np.ndarray:
+        strategy = SeededServerNoise(
+            noise_seed, FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=2
+        )
+        replies = []
+        for node in (1, 2):
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))}),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            )
+            replies.append(reply_from(node, "train", content))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return arrays["w"].numpy()
+
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first, again, other = aggregate(7), aggregate(7), aggregate(8)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    # Flower's calibration: std = noise multiplier x clipping norm / clients = 0.5.
+    assert 0.45 < float(np.std(first)) < 0.55
+    assert np.array_equal(np.random.get_state()[1], before)  # the caller's RNG is untouched
 
 
 def test_units_note_says_when_units_differ():

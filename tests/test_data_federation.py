@@ -177,3 +177,25 @@ def test_digits_usps_scenario_loads_real_domains(shared_digits):
     assert n_private + int(fed.pool.domain_mask("usps").sum()) == 9298
     assert fed.pool.images.shape[1:] == (1, 28, 28) and fed.num_classes == 10
     assert not {k for c in fed.clients for k in keys(c.train) | keys(c.test)} & keys(fed.pool)
+
+
+def test_a_validation_split_replaces_the_test_split_and_never_touches_it(tmp_path):
+    plain = build_federation(scenario(tmp_path))
+    path = tmp_path / "validation.toml"
+    path.write_text(
+        "validation-fraction = 0.2\n"
+        + EMBEDDED.format(
+            seed=0, clients=5, share=0.4, partition="iid", pool='["plain", "noisy"]', extra=""
+        )
+    )
+    tuned = build_federation(load_scenario(path))
+    for real, tuning in zip(plain.clients, tuned.clients, strict=True):
+        train, test = set(real.train.sample_ids.tolist()), set(real.test.sample_ids.tolist())
+        fit, validation = (
+            set(tuning.train.sample_ids.tolist()),
+            set(tuning.test.sample_ids.tolist()),
+        )
+        assert fit | validation == train and not fit & validation  # carved from train only
+        assert not (fit | validation) & test  # the test split is never seen
+        assert abs(len(validation) - 0.2 * len(train)) <= 1
+    assert plain.pool.sample_ids.tolist() == tuned.pool.sample_ids.tolist()

@@ -27,7 +27,7 @@ from ecos_flower.applications import (
     knn_votes,
 )
 from ecos_flower.applications.finetune import calibrate_noise
-from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.data import LoadData, client_shard, task_inputs
 from ecos_flower.client.ecos import check_declared, check_source, declared_array, read_extractor
 from ecos_flower.client.messages import (
     FINETUNE_REQUEST,
@@ -36,6 +36,7 @@ from ecos_flower.client.messages import (
     QueryRejected,
 )
 from ecos_flower.client.release import Refused, ReleaseBoundary, guarded
+from ecos_flower.ecos.feature_space import features_of
 from ecos_flower.models import build_model, evaluate_accuracy
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
 from ecos_flower.privacy.ledger import PrivacyEvent
@@ -82,7 +83,7 @@ def answer_knn_query(
     spent, noise = boundary.charge(event)
     # Charged: only from here on is the node's data read.
     shard = load_data(config, context.node_config)
-    own = np.asarray(extractor.transform(shard.train.images, progress=False))
+    own = features_of(extractor, shard.train.images)
     if own.ndim != 2 or own.shape[1] != features.shape[1]:
         raise ValueError(f"extractor features {own.shape[1:]} vs query dim {features.shape[1]}")
     votes = knn_votes(own, shard.train.labels.numpy(), features, k, num_classes, mode)
@@ -223,7 +224,7 @@ def answer_finetune_evaluate(
     except Refused as exc:  # the received model is still scored
         reason = exc.reason
     device = str(config.get("device", "cpu"))
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     model = _model(task_model, shard.train.images)
     model.load_state_dict(arrays.to_torch_state_dict())
     if not hasattr(model, "embed") or not isinstance(

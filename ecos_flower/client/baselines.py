@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
-from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.data import LoadData, client_shard, task_inputs
 from ecos_flower.client.messages import MODEL_CONFIG
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.models import build_model, evaluate_accuracy, train_epochs
@@ -23,7 +23,7 @@ def answer_local_training(
     boundary.admit("evaluation-metrics")
     config = msg.content["config"]
     task_model = MODEL_CONFIG.parse(config, context.node_config)
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     images = shard.train.images
     model = build_model(
         task_model["model"],
@@ -54,7 +54,7 @@ def answer_data_upload(
     """Send the raw training shard to the server (what `centralized` assumes clients would do)."""
     boundary.admit("raw-upload")
     config = msg.content["config"]
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     data = ArrayRecord(
         {
             "images": Array(np.ascontiguousarray(shard.train.images.numpy())),

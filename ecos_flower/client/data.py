@@ -12,7 +12,9 @@ default, `client_shard`, reads either
 * or, without `data`, the project's scenarios (simulation): the scenario named by the node config
   or the message, the shard given by the node's `partition-id`.
 
-A Flower user passes their own `load_data`.
+A Flower user passes their own `load_data`. Handlers that train or score the task model then pass
+the shard through `task_inputs`: with a head model the images become the features of the
+pretrained extractor the message names, built from the node's own weights file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from ecos_flower.data import ClientShard, load_federation
 from ecos_flower.data.node_data import check_node_data, load_node_data, parse_class_names
+from ecos_flower.models import HEAD_MODELS
 
 LoadData = Callable[[Mapping[str, Any], Mapping[str, Any]], ClientShard]
 """`load_data(config, node_config) -> ClientShard`: this node's data for one message."""
@@ -34,7 +37,13 @@ def check_data_source(
     config `data`: the message must carry a sane label space and image shape, and the node's
     class names (its folder listing or npz `class_names`: node-owned metadata, never a record)
     must be a subset of the server's. Otherwise the node config or the message must name a
-    scenario. Only for the project's loader: another `load_data` is the user's, not checked."""
+    scenario. Only for the project's loader: another `load_data` is the user's, not checked.
+    Whatever the loader, a head model's extractor must be one this node builds from its own
+    files (`task_inputs`), checked here so that a mismatch is refused before any charge."""
+    if str(config.get("model", "")) in HEAD_MODELS:
+        from ecos_flower.ecos.feature_space import local_head_extractor
+
+        local_head_extractor(config)
     if load_data is not None and load_data is not client_shard:
         return
     if node_data_path(node_config):
@@ -125,3 +134,20 @@ def client_shard(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> C
     if not 0 <= partition_id < num_clients:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_clients - 1}")
     return federation.clients[partition_id]
+
+
+def task_inputs(
+    shard: ClientShard, config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> ClientShard:
+    """`shard` as the task model takes it: unchanged, or, when the message's `model` is a head
+    (`linear-head`, `mlp-head`), in feature space: each image replaced by the features of the
+    extractor the message's `head-extractor` names, which the node builds from its OWN weights
+    file (a digest mismatch or a kind that is only ever shipped as weights is a ValueError, so
+    a server cannot make the node run a network of its choosing). The features stay on the node;
+    node config `feature-cache` names a folder where the node keeps them (default: memory)."""
+    if str(config.get("model", "")) not in HEAD_MODELS:
+        return shard
+    from ecos_flower.ecos.feature_space import local_head_extractor, shard_in_feature_space
+
+    cache = str(node_config.get("feature-cache") or "") or None
+    return shard_in_feature_space(shard, local_head_extractor(config), cache)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ecos_flower.applications.finetune import make_private_head, private_step
 from ecos_flower.applications.linear_head import usable_labels, usable_samples
-from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.data import LoadData, client_shard, task_inputs
 from ecos_flower.client.ecos import check_source
 from ecos_flower.client.fedavg import task_model
 from ecos_flower.client.messages import DPSGD_TASK, MODEL_CONFIG, TaskRejected
@@ -270,7 +270,7 @@ def answer_dpsgd_train(
     )
     spent, noise = boundary.charge(plan.event(note))
     # Charged: only from here on is the node's data read.
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     model = task_model(fields, shard)
     model.load_state_dict(arrays.to_torch_state_dict())
     noise_seed, sampling_seed = (int(s) for s in noise.generator.integers(2**62, size=2))

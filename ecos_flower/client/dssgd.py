@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
-from ecos_flower.client.data import LoadData, check_data_source, client_shard
+from ecos_flower.client.data import LoadData, check_data_source, client_shard, task_inputs
 from ecos_flower.client.messages import DSSGD_CONFIG, DSSGD_EVALUATION, DSSGD_TASK, TaskRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.data import ClientShard
@@ -195,7 +195,7 @@ def answer_dssgd_train(
     else:
         spent, rng = 0.0, np.random.default_rng([seed, index, steps_before])
     # Charged (if private): only from here on is the node's data read.
-    shard = load_data(raw_config, context.node_config)
+    shard = task_inputs(load_data(raw_config, context.node_config), raw_config, context.node_config)
     model, steps = local_model(context, config, task, shard)
     apply_download(model, download)
     update, epsilon = local_step(
@@ -258,7 +258,7 @@ def answer_dssgd_evaluate(
     raw_config = msg.content.get("config")
     config = check_config(raw_config)
     boundary.admit("evaluation-metrics")
-    shard = load_data(raw_config, context.node_config)
+    shard = task_inputs(load_data(raw_config, context.node_config), raw_config, context.node_config)
     model, steps = local_model(context, config, task, shard)
     server_model = build_model(config["model"], task["num-classes"], *_task_shape(shard))
     load_flat_params(server_model, params)

@@ -21,6 +21,7 @@ from ecos_flower.client.data import LoadData, check_data_source, client_shard
 from ecos_flower.client.messages import ECOS_QUERY, MAX_CENTROIDS, MAX_DIM, QueryRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.ecos import FeatureExtractor, coverage_scores, score_sensitivity
+from ecos_flower.ecos.feature_space import features_of
 from ecos_flower.ecos.features import check_arrays_fit, extractor_class, extractor_digest
 from ecos_flower.flower.validation import checked_numpy, declared_shape
 from ecos_flower.privacy.gaussian import analytic_gaussian_sigma
@@ -287,7 +288,7 @@ def _answer_ecos_query(
     metrics["sigma"] = sigma
     # Charged (if private): only from here on is the node's data read.
     shard = load_data(config, context.node_config)
-    features = np.asarray(extractor.transform(shard.train.images, progress=False))
+    features = features_of(extractor, shard.train.images)
     if features.ndim != 2 or features.shape[1] != centroids.shape[1]:
         raise ValueError(f"extractor features {features.shape[1:]} vs centroids {centroids.shape}")
     scores = coverage_scores(

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
-from ecos_flower.client.data import LoadData, client_shard
+from ecos_flower.client.data import LoadData, client_shard, task_inputs
 from ecos_flower.client.messages import MODEL_CONFIG
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.data import ClientShard
@@ -45,7 +45,7 @@ def answer_train(
     boundary.admit(mechanism)
     config = msg.content["config"]
     fields = MODEL_CONFIG.parse(config, context.node_config)
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     model = task_model(fields, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss = train_epochs(
@@ -74,7 +74,7 @@ def answer_evaluate(
     boundary.admit("evaluation-metrics")
     config = msg.content["config"]
     fields = MODEL_CONFIG.parse(config, context.node_config)
-    shard = load_data(config, context.node_config)
+    shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     model = task_model(fields, shard)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     accuracy, loss = evaluate_accuracy(

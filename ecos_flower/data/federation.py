@@ -195,7 +195,23 @@ def build_federation(scenario: Scenario) -> Federation:
                 f"with 'test-fraction' {scenario.test_fraction}: lower 'num-clients' or raise "
                 "'share' (or set 'test-fraction' = 0)"
             )
-        clients.append(ClientShard(cid, home.subset(train_idx), home.subset(test_idx)))
+        if scenario.validation_fraction > 0:
+            # Tuning: a validation split carved from the training data stands in for the test
+            # split, which no run of this scenario then sees.
+            train_idx, test_idx = split_fraction(
+                train_idx, scenario.validation_fraction, derive_seed(scenario.seed, 4, cid)
+            )
+            if len(train_idx) == 0 or len(test_idx) == 0:
+                raise ScenarioError(
+                    f"{file}: client {cid}: 'validation-fraction' "
+                    f"{scenario.validation_fraction} leaves an empty train or validation split "
+                    f"of its {len(shard)} sample(s)"
+                )
+        # A client's shard is decoded even from a lazy domain: the handlers train and score on
+        # it as a tensor, and it is small next to the pool, which stays lazy.
+        clients.append(
+            ClientShard(cid, home.subset(train_idx).decoded(), home.subset(test_idx).decoded())
+        )
 
     pool_parts = [
         home.subset(public_idx) if name == scenario.client_domain else domains[name]

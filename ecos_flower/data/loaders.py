@@ -3,6 +3,10 @@
 All loaders return float32 (N, channels, image_size, image_size) images in [0, 1], int64 labels
 and a one-name domain table. The registry LOADERS also tells scenario validation which loaders
 need a path and which options each accepts.
+
+`image-folder` with option `lazy = true` reads only the file list: its ImageSet holds a
+`lazy.LazyImages` (decoded row by row when indexed, streamed through a DataLoader for features),
+so the domain costs memory for its labels and indices, not its pixels.
 """
 
 from __future__ import annotations
@@ -55,6 +59,15 @@ MAX_SAMPLES = OptionSpec(
     None,
     "keep at most this many samples (a deterministic random subset by seed)",
     minimum=1,
+)
+
+
+LAZY = OptionSpec(
+    (bool,),
+    False,
+    "decode images on demand instead of loading the domain as float32 (for pools larger than "
+    "memory; the run's extractor must then be a pretrained one: efficientnet-lite0 or "
+    "torchvision:<arch>)",
 )
 
 
@@ -260,6 +273,24 @@ def _read_image_folder(name, path, options, size):
     return x, table[idx]
 
 
+def _lazy_image_folder(name, path, size, channels):
+    """An image-folder domain as (LazyImages, labels): the file list and the eager reader's
+    labels (`folder_classes`), no image decoded."""
+    from .lazy import ImageFolderDataset, LazyImages
+
+    root = _require(path, name, "folder")
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise DataError(f"domain {name!r}: folder {root} has no class sub-folders")
+    data = ImageFolderDataset(root, image_size=size, channels=channels)
+    # The eager reader refuses an empty class folder; so does the lazy one (same data, same
+    # verdict), from the file list.
+    present = set(data.labels.tolist())
+    for folder, label in folder_classes(root).items():
+        if label not in present:
+            raise DataError(f"{root / folder}: empty class folder (no image files)")
+    return LazyImages([data]), data.labels.clone()
+
+
 def domain_class_names(loader: str, path: Path | None) -> dict[int, str]:
     """Label -> class name a domain's source defines (an image-folder tree's folder names);
     empty for the loaders whose labels are digits (their names are the labels' text)."""
@@ -314,7 +345,7 @@ LOADERS: dict[str, LoaderInfo] = {
         True,
         "an ImageFolder tree of images, grey or RGB: integer-named class folders (0/, 1/, ...) "
         "are those labels, class-named ones (cat/, dog/) their sorted rank",
-        {"max-samples": MAX_SAMPLES},
+        {"max-samples": MAX_SAMPLES, "lazy": LAZY},
     ),
 }
 
@@ -333,7 +364,9 @@ def option_problems(loader: str, options: dict[str, Any]) -> list[tuple[str, str
         if spec is None:
             known = ", ".join(specs) or "none"
             problems.append((key, f"unknown option for loader {loader!r} (accepted: {known})"))
-        elif isinstance(value, bool) or not isinstance(value, spec.types):
+        elif (isinstance(value, bool) and bool not in spec.types) or not isinstance(
+            value, spec.types
+        ):
             want = " or ".join(t.__name__ for t in spec.types)
             problems.append((key, f"must be {want}, got {type(value).__name__} {value!r}"))
         elif spec.choices is not None and value not in spec.choices:
@@ -384,16 +417,22 @@ def load_domain(
         )
     info = LOADERS[loader]
     opts = with_defaults(loader, options)
-    x, y = info.read(name, None if path is None else Path(path), opts, image_size)
+    where = None if path is None else Path(path)
+    if opts.get("lazy"):
+        x, y = _lazy_image_folder(name, where, image_size, channels)
+    else:
+        x, y = info.read(name, where, opts, image_size)
     ids = torch.arange(len(y), dtype=torch.int64)
     keep = subsample_indices(len(y), opts.get("max-samples"), seed, name)
     if keep is not None:
         k = torch.from_numpy(keep)
-        x, y, ids = x[k], y[k], ids[k]
+        x = x.take(k) if opts.get("lazy") else x[k]
+        y, ids = y[k], ids[k]
     if len(y) == 0:
         raise DataError(f"domain {name!r}: no samples found at {path}")
     return ImageSet(
-        images=standardize(x, image_size, channels),
+        # A lazy domain's rows are brought to the size and channels as they are decoded.
+        images=x if opts.get("lazy") else standardize(x, image_size, channels),
         labels=y.to(torch.int64),
         domains=torch.zeros(len(y), dtype=torch.int64),
         domain_names=(name,),

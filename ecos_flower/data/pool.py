@@ -21,6 +21,7 @@ Pool file (`pool.toml`; relative paths resolve against its folder)::
     name = "optdigits"               # optional: default the path's name (its stem for a file)
     loader = "image-folder"          # optional, inferred from the path (see below)
     max-samples = 5000               # the loader's options, as in a scenario
+    lazy = true                      # image-folder: decode on demand, never hold the pixels
 
 Loaders are the scenario's (`ecos_flower.data.loaders.LOADERS`: `image-folder`, `mnist-idx`,
 `usps`, and the file-less `embedded` / `sklearn-digits`), plus `npz` (an `.npz` read by the
@@ -231,7 +232,8 @@ def export_pool(
     tables = []
     for index, name in enumerate(pool.domain_names):
         folder = _safe_class_folder(name)
-        part = pool.subset(torch.nonzero(pool.domains == index).flatten())
+        # A lazy domain is decoded one domain at a time, to be written as PNGs.
+        part = pool.subset(torch.nonzero(pool.domains == index).flatten()).decoded()
         write_image_tree(part, out / folder, federation.class_names)
         tables.append(f'[[domains]]\nname = "{_toml_text(name)}"\npath = "{_toml_text(folder)}"\n')
     file = out / POOL_FILE

@@ -29,6 +29,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], Any]] = {
     "num-clients": ((int,), 10),
     "share": ((float, int), 0.5),
     "test-fraction": ((float, int), 0.2),
+    "validation-fraction": ((float, int), 0.0),
     "partition": ((str,), "iid"),
     "alpha": ((float, int), 0.5),
     "min-partition-size": ((int,), 2),
@@ -64,6 +65,7 @@ class Scenario:
     alpha: float
     pool_domains: tuple[str, ...]
     min_partition_size: int = 2
+    validation_fraction: float = 0.0
     description: str = ""
     data_root: Path | None = None
 
@@ -168,6 +170,8 @@ def load_scenario(path: str | Path, data_root: str | Path | None = None) -> Scen
         raise bad("share", "must be strictly between 0 and 1")
     if not 0.0 <= values["test-fraction"] < 1.0:
         raise bad("test-fraction", "must be in [0, 1)")
+    if not 0.0 <= values["validation-fraction"] < 1.0:
+        raise bad("validation-fraction", "must be in [0, 1)")
     if values["partition"] not in PARTITIONS:
         raise bad("partition", f"must be one of {', '.join(PARTITIONS)}")
     if not values["alpha"] > 0.0:
@@ -221,6 +225,7 @@ def load_scenario(path: str | Path, data_root: str | Path | None = None) -> Scen
         alpha=values["alpha"],
         pool_domains=tuple(pool),
         min_partition_size=values["min-partition-size"],
+        validation_fraction=float(values["validation-fraction"]),
         description=values["description"],
         data_root=None if data_root is None else base,
     )

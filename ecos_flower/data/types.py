@@ -1,12 +1,32 @@
-"""ImageSet: the one in-memory format every loader returns and every algorithm consumes."""
+"""ImageSet: the one in-memory format every loader returns and every algorithm consumes.
+
+Its `images` are a float32 tensor, or, for a lazy domain (`image-folder` with `lazy = true`), a
+`ecos_flower.data.lazy.LazyImages` of the same shape and dtype whose rows are decoded when
+indexed: `subset` and `concat` keep it lazy, so a pool of any size is never held as pixels.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # lazy.py imports the loaders, which import this module
+    from .lazy import LazyImages
+
+MIXED_DECODE_LIMIT = 64 * 2**20
+"""Bytes of float32 pixels up to which `ImageSet.concat` decodes the lazy parts of a mix of lazy
+and eager parts (a small lazy domain next to eager ones: 64 MiB is ~1,000 RGB images at 128 px);
+above it the mix stays lazy, the eager parts joining as in-memory sources."""
+
+
+def _lazy_type() -> type:
+    from .lazy import LazyImages
+
+    return LazyImages
 
 
 def _as_index(indices) -> torch.Tensor:
@@ -20,22 +40,55 @@ def _as_index(indices) -> torch.Tensor:
     return idx.to(torch.int64).reshape(-1)
 
 
+def _concat_images(parts: list) -> torch.Tensor | LazyImages:
+    """`torch.cat` of image tensors, or one `LazyImages` view when any part is lazy (see
+    `ImageSet.concat`)."""
+    lazy_type = _lazy_type()
+    lazy = [isinstance(p, lazy_type) for p in parts]
+    if not any(lazy):
+        return torch.cat(parts)
+    if all(lazy):
+        return lazy_type.concat(parts)
+    lazy_bytes = sum(
+        4 * int(np.prod(p.shape)) for p, is_lazy in zip(parts, lazy, strict=True) if is_lazy
+    )
+    if lazy_bytes <= MIXED_DECODE_LIMIT:
+        # A small lazy domain among eager ones: decoding it costs less than it saves.
+        return torch.cat(
+            [p.decode() if is_lazy else p for p, is_lazy in zip(parts, lazy, strict=True)]
+        )
+    from .lazy import TensorSource
+
+    # The eager parts are in memory already: wrapped as sources they join the view uncopied.
+    return lazy_type.concat(
+        [
+            p if is_lazy else lazy_type([TensorSource(p)])
+            for p, is_lazy in zip(parts, lazy, strict=True)
+        ]
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     """Labelled images of one or more domains.
 
-    images: float32 (N, C, S, S) in [0, 1]; labels: int64 (N,); domains: int64 (N,) indexing
-    domain_names; sample_ids: int64 (N,), each sample's index in its domain as loaded (defaults to
-    0..N-1), so (domain, sample_id) identifies a source sample across subsets and concatenations.
+    images: float32 (N, C, S, S) in [0, 1], a tensor or a `LazyImages` (decoded when indexed);
+    labels: int64 (N,); domains: int64 (N,) indexing domain_names; sample_ids: int64 (N,), each
+    sample's index in its domain as loaded (defaults to 0..N-1), so (domain, sample_id)
+    identifies a source sample across subsets and concatenations.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | LazyImages
     labels: torch.Tensor
     domains: torch.Tensor
     domain_names: tuple[str, ...]
     sample_ids: torch.Tensor | None = field(default=None)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor | _lazy_type()):
+            raise ValueError(
+                f"ImageSet.images must be a tensor or LazyImages, got {type(self.images).__name__}"
+            )
         n = self.images.shape[0]
         if self.images.dim() != 4 or self.images.dtype != torch.float32:
             raise ValueError(
@@ -63,6 +116,24 @@ class ImageSet:
         return int(self.images.shape[0])
 
     @property
+    def is_lazy(self) -> bool:
+        """Whether `images` is a `LazyImages` (decoded when indexed)."""
+        return not isinstance(self.images, torch.Tensor)
+
+    def decoded(self) -> ImageSet:
+        """This set with its images as a tensor (self if they already are): decodes every
+        lazy row, so only for a small set (a client's shard, a selection)."""
+        if not self.is_lazy:
+            return self
+        return ImageSet(
+            images=self.images.decode(),
+            labels=self.labels,
+            domains=self.domains,
+            domain_names=self.domain_names,
+            sample_ids=self.sample_ids,
+        )
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, S, S) of every image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
@@ -71,7 +142,7 @@ class ImageSet:
         """The samples at `indices` (in that order), keeping domain names and sample ids."""
         idx = _as_index(indices)
         return ImageSet(
-            images=self.images[idx],
+            images=self.images.take(idx) if self.is_lazy else self.images[idx],
             labels=self.labels[idx],
             domains=self.domains[idx],
             domain_names=self.domain_names,
@@ -80,7 +151,13 @@ class ImageSet:
 
     @staticmethod
     def concat(sets: Sequence[ImageSet]) -> ImageSet:
-        """Stack sets in order; domain_names merged (first appearance first), ids remapped."""
+        """Stack sets in order; domain_names merged (first appearance first), ids remapped.
+
+        Lazy parts stay lazy: when every part is lazy the result is one `LazyImages` view; a
+        mix of lazy and eager parts is lazy too when the lazy parts are larger than
+        `MIXED_DECODE_LIMIT` bytes of pixels (the eager parts join as in-memory sources, not
+        copied), and eager (the lazy parts decoded) when they are smaller.
+        """
         sets = list(sets)
         if not sets:
             raise ValueError("ImageSet.concat needs at least one set")
@@ -95,7 +172,7 @@ class ImageSet:
             table = torch.tensor([names.index(n) for n in s.domain_names], dtype=torch.int64)
             remapped.append(table[s.domains] if len(s) else s.domains)
         return ImageSet(
-            images=torch.cat([s.images for s in sets]),
+            images=_concat_images([s.images for s in sets]),
             labels=torch.cat([s.labels for s in sets]),
             domains=torch.cat(remapped),
             domain_names=tuple(names),

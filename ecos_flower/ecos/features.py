@@ -845,6 +845,18 @@ def _fingerprint(extractor: FeatureExtractor, images: torch.Tensor | Any) -> str
     return digest.hexdigest()
 
 
+def feature_cache_path(
+    extractor: FeatureExtractor,
+    images: torch.Tensor | Any,
+    cache_dir: str | os.PathLike[str],
+    key: str = "features",
+) -> Path:
+    """Where `cached_features` keeps the features of `images`: `key` and a hash of the
+    extractor digest and the data in the name."""
+    safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    return Path(cache_dir) / f"{safe_key}-{_fingerprint(extractor, images)[:20]}.npy"
+
+
 def cached_features(
     extractor: FeatureExtractor,
     images: ImageBatch | torch.utils.data.Dataset,
@@ -882,9 +894,8 @@ def cached_features(
 
     if cache_dir is None:
         return compute()
-    safe_key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
-    folder = Path(cache_dir)
-    path = folder / f"{safe_key}-{_fingerprint(extractor, data)[:20]}.npy"
+    path = feature_cache_path(extractor, data, cache_dir, key)
+    folder = path.parent
     if path.is_file():
         return np.load(path, mmap_mode="r") if lazy else np.load(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
+from ecos_flower.data.federation import derive_seed
 from ecos_flower.data.pool import server_federation
 from ecos_flower.flower.fedavg import UniformFedAvg, run_fedavg_with
 from ecos_flower.flower.payload import MeteredGrid
@@ -131,6 +133,41 @@ def run_centralized(grid: Grid, config: dict[str, Any]) -> RunReport:
     return report
 
 
+class SeededServerNoise(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper whose server noise can be replayed.
+
+    Flower 1.39 draws the aggregate's Gaussian noise from numpy's global RNG
+    (`flwr.supercore.differential_privacy.add_gaussian_noise_inplace`) and takes no seed. With
+    `noise_seed >= 0` each round's aggregation runs under a global RNG seeded from
+    (noise_seed, round), and the caller's global RNG state is restored afterwards; with -1 the
+    wrapper is Flower's, unchanged (fresh entropy). Subclassing keeps Flower's clipping checks,
+    accountant and noise calibration instead of re-implementing them.
+
+    Parameters
+    ----------
+    noise_seed : int
+        -1 for fresh entropy, else the seed of every round's noise.
+    *args, **kwargs
+        What `DifferentialPrivacyClientSideFixedClipping` takes.
+    """
+
+    def __init__(self, noise_seed: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_seed = int(noise_seed)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.noise_seed < 0:
+            return super().aggregate_train(server_round, replies)
+        saved = np.random.get_state()
+        np.random.seed(derive_seed(self.noise_seed, server_round))
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            np.random.set_state(saved)
+
+
 def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
     """Flower's DifferentialPrivacyClientSideFixedClipping around FedAvg (all nodes every round,
     so no sampling amplification): central DP at the client level with a trusted aggregator (the
@@ -159,7 +196,8 @@ def run_dp_fedavg(grid: Grid, config: dict[str, Any]) -> RunReport:
         min_evaluate_nodes=num_nodes,
         min_available_nodes=num_nodes,
     )
-    strategy = DifferentialPrivacyClientSideFixedClipping(
+    strategy = SeededServerNoise(
+        config["dp-server-noise-seed"],
         inner,
         noise_multiplier=z,
         clipping_norm=config["dp-clipping-norm"],

@@ -24,6 +24,7 @@ from ecos_flower.dssgd import flatten_params
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.task_space import task_input_shape
 from ecos_flower.models import seeded_model
 from ecos_flower.strategy import Dssgd
 from ecos_flower.strategy.dssgd import per_client
@@ -121,7 +122,7 @@ def run_dssgd(grid: Grid, config: dict[str, Any]) -> RunReport:
     tick = time.perf_counter()
     # The model's shape needs only the pool's label space and image shape: no client data.
     model = seeded_model(
-        config["model"], seed, federation.num_classes, federation.channels, federation.image_size
+        config["model"], seed, federation.num_classes, *task_input_shape(config, federation)
     )
     initial = ArrayRecord({"params": Array(flatten_params(model))})
     strategy = make_strategy(config, federation.num_classes)

@@ -20,6 +20,7 @@ from ecos_flower.data.pool import server_federation
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.task_space import task_input_shape
 from ecos_flower.flower.validation import InvalidReplyError, claimed_client, metric, refusal
 from ecos_flower.models import build_model
 from ecos_flower.privacy.ledger import PrivacyEvent, compose_epsilon
@@ -36,6 +37,19 @@ def without_labels(metrics: MetricRecord | None) -> MetricRecord | None:
     return MetricRecord({k: v for k, v in metrics.items() if k not in LABEL_METRICS})
 
 
+def aggregation_order(reply: Message) -> tuple[int, int]:
+    """Sort key of a train reply: the client it claims (`claimed_client`: its simulation
+    `partition-id`, else its node id), then its node id. A simulation's node ids are random per
+    run (Flower draws them from os.urandom, also under `flwr run`), its partition ids are not.
+    A claim only orders the sum, it weighs nothing; a reply without a valid claim sorts
+    first, by node id."""
+    node = reply.metadata.src_node_id
+    try:
+        return claimed_client(reply, {}), node
+    except InvalidReplyError:
+        return -1, node
+
+
 class RecordingFedAvg(FedAvg):
     """FedAvg that keeps each node's last evaluation metrics (Flower keeps only the average)."""
 
@@ -48,10 +62,11 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's weighted average, over the replies in node-id order: Flower samples the
-        nodes in random order, and floating-point sums depend on the order, so without this a
-        run with the same seed would not repeat exactly."""
-        ordered = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        """Flower's weighted average, over the replies in the order of the clients they claim
+        (`aggregation_order`): Flower samples the nodes in random order, and floating-point
+        sums depend on the order, so without this a run with the same seed would not repeat
+        exactly."""
+        ordered = sorted(replies, key=aggregation_order)
         arrays, metrics = super().aggregate_train(server_round, ordered)
         return arrays, without_labels(metrics)
 
@@ -108,12 +123,10 @@ def run_fedavg_with(
     start = time.time()
     federation = server_federation(config)
     metered = MeteredGrid(grid)
-    images = federation.pool.images
     model = build_model(
         config["model"],
         federation.num_classes,
-        images.shape[1],
-        images.shape[-1],
+        *task_input_shape(config, federation),
         seed=config["seed"],
     )
     strategy.start(

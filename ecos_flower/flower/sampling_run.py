@@ -27,9 +27,9 @@ from ecos_flower.ecos import (
     InDomainSampler,
     KCenterSampler,
     RandomSampler,
-    cached_features,
     domain_precision,
 )
+from ecos_flower.ecos.feature_space import features_of
 from ecos_flower.flower.applications import (
     APPLICATION_FUNCTIONS,
     finetune_enabled,
@@ -40,6 +40,7 @@ from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport
 from ecos_flower.flower.selection import SelectionContext, build_extractor, task_model
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.task_space import task_federation
 from ecos_flower.flower.timing import PhaseTimer
 from ecos_flower.models import train_epochs
 from ecos_flower.strategy.ecos import Ecos, EcosResult, per_client
@@ -75,7 +76,7 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         with timer("extractor"):
             extractor = build_extractor(config, federation)
         with timer("pool-features"):
-            features = cached_features(extractor, pool.images, cache, key="pool", progress=True)
+            features = features_of(extractor, pool.images, cache, key="pool", progress=True)
     selector = {
         "random": lambda: RandomSampler(len(pool), seed=seed),
         "kcenter": lambda: KCenterSampler(features, seed=seed),
@@ -84,7 +85,10 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         ),
     }.get(method, lambda: None)()
     delivery = ExtractorDelivery(by_name=config["extractor-shipping"] == "by-name")
-    cloud = _CloudStep(config, federation, metered, features, extractor, delivery)
+    # The cloud trains the task model on the pool as that model takes it (a head: features).
+    cloud = _CloudStep(
+        config, task_federation(config, federation), metered, features, extractor, delivery
+    )
     strategy = Ecos(
         budget=config["budget"],
         pool=pool,

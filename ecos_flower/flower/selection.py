@@ -47,6 +47,17 @@ def build_extractor(config: dict[str, Any], federation: Federation) -> FeatureEx
             "choose supervised, random, pca, efficientnet-lite0 or torchvision:<arch>"
         )
     pool = federation.pool
+    if pool.is_lazy:
+        if kind in ("supervised", "pca"):
+            raise ValueError(
+                f"extractor {kind!r} fits on the pixels of the whole pool, which is lazy "
+                "(an image-folder domain with lazy = true): use a pretrained extractor "
+                "(efficientnet-lite0 or torchvision:<arch> with extractor-weights), or drop "
+                "lazy from the pool's domains"
+            )
+        # The other kinds read no pixels to fit (random: the channel count): one decoded row
+        # stands for the pool.
+        return extractor.fit(pool.images[:1], pool.labels[:1])
     return extractor.fit(pool.images, pool.labels)
 
 

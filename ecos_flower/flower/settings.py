@@ -54,6 +54,7 @@ CLIENT_KEYS = (
     "learning-rate",
     "device",
     "torch-threads",
+    "head-extractor",  # set by the server for a head model (`ecos_flower.flower.task_space`)
 )
 
 

@@ -1,6 +1,14 @@
 """Task models, feature extractors and their train/evaluate loops (pure torch, no Flower)."""
 
-from ecos_flower.models.nets import PaperCNN, PaperMLP, SmallCNN, build_model, seeded_model
+from ecos_flower.models.nets import (
+    HEAD_MODELS,
+    FeatureHead,
+    PaperCNN,
+    PaperMLP,
+    SmallCNN,
+    build_model,
+    seeded_model,
+)
 from ecos_flower.models.training import (
     batched_apply,
     evaluate_accuracy,
@@ -9,6 +17,8 @@ from ecos_flower.models.training import (
 )
 
 __all__ = [
+    "HEAD_MODELS",
+    "FeatureHead",
     "PaperCNN",
     "PaperMLP",
     "SmallCNN",

@@ -1,4 +1,5 @@
-"""Networks: a small CNN (task model, feature extractor) and the DSSGD paper's MLP and CNN."""
+"""Networks: a small CNN (task model, feature extractor), the DSSGD paper's MLP and CNN, and
+heads on pretrained features."""
 
 from __future__ import annotations
 
@@ -82,7 +83,39 @@ class PaperCNN(nn.Module):
         return self.head(self.conv(x))
 
 
-MODEL_NAMES = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn")
+class FeatureHead(nn.Module):
+    """A task head on pretrained features: linear (`hidden=0`) or one hidden ReLU layer.
+
+    Its input is a feature vector stored as a 1x1 "image" with one channel per feature, (N, D,
+    1, 1) (`ecos_flower.ecos.feature_space`), so every training, evaluation and federated code
+    path that takes image batches takes features unchanged; `in_channels` is D. Like SmallCNN it
+    has `embed` (the last layer's input: the features themselves for the linear head) and a
+    linear `classifier`, so DP last-layer fine-tuning works on it as on any task model.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1280, image_size: int = 1, hidden: int = 0
+    ) -> None:
+        super().__init__()
+        inputs = in_channels * image_size * image_size
+        body: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            body += [nn.Linear(inputs, hidden), nn.ReLU()]
+        self.body = nn.Sequential(*body)
+        self.classifier = nn.Linear(hidden or inputs, num_classes)
+        self.embedding_dim = hidden or inputs
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+HEAD_MODELS = ("linear-head", "mlp-head")
+"""Task models that train on the frozen pretrained features of the run's `extractor`."""
+MODEL_NAMES = ("small-cnn", "wide-cnn", "paper-mlp", "paper-cnn", *HEAD_MODELS)
 
 
 def build_model(
@@ -109,6 +142,10 @@ def build_model(
         return PaperMLP(num_classes, in_channels, image_size)
     if name == "paper-cnn":
         return PaperCNN(num_classes, in_channels, image_size)
+    if name == "linear-head":
+        return FeatureHead(num_classes, in_channels, image_size)
+    if name == "mlp-head":
+        return FeatureHead(num_classes, in_channels, image_size, hidden=256)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
