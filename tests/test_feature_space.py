@@ -222,3 +222,19 @@ def test_the_memo_counts_only_rows_it_does_not_hold_yet():
     assert memo.bytes == rows.nbytes and len(memo.rows) == 4  # never cleared, never grown
     memo.add("d", [bytes([i]) for i in range(4, 12)], np.ones((8, 2), dtype=np.float32))
     assert len(memo.rows) == 8 and memo.bytes == 8 * 2 * 4  # full: cleared, then the new rows
+
+
+def test_a_node_keeps_its_query_features_where_its_own_config_says(tmp_path):
+    # The node's cache folder comes from its node config only; the message cannot name one.
+    from ecos_flower.client.data import node_feature_cache
+
+    assert node_feature_cache({}) is None
+    assert node_feature_cache({"feature-cache": str(tmp_path)}) == str(tmp_path)
+    feature_space._MEMO.clear()
+    features_of(
+        CountingExtractor(),
+        _images(6).images,
+        node_feature_cache({"feature-cache": str(tmp_path)}),
+        key="query",
+    )
+    assert len(list(tmp_path.glob("query-*.npy"))) == 1

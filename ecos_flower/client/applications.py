@@ -27,7 +27,7 @@ from ecos_flower.applications import (
     knn_votes,
 )
 from ecos_flower.applications.finetune import calibrate_noise
-from ecos_flower.client.data import LoadData, client_shard, task_inputs
+from ecos_flower.client.data import LoadData, client_shard, node_feature_cache, task_inputs
 from ecos_flower.client.ecos import check_declared, check_source, declared_array, read_extractor
 from ecos_flower.client.messages import (
     FINETUNE_REQUEST,
@@ -83,7 +83,9 @@ def answer_knn_query(
     spent, noise = boundary.charge(event)
     # Charged: only from here on is the node's data read.
     shard = load_data(config, context.node_config)
-    own = features_of(extractor, shard.train.images)
+    own = features_of(
+        extractor, shard.train.images, node_feature_cache(context.node_config), key="knn"
+    )
     if own.ndim != 2 or own.shape[1] != features.shape[1]:
         raise ValueError(f"extractor features {own.shape[1:]} vs query dim {features.shape[1]}")
     votes = knn_votes(own, shard.train.labels.numpy(), features, k, num_classes, mode)

@@ -149,5 +149,12 @@ def task_inputs(
         return shard
     from ecos_flower.ecos.feature_space import local_head_extractor, shard_in_feature_space
 
-    cache = str(node_config.get("feature-cache") or "") or None
-    return shard_in_feature_space(shard, local_head_extractor(config), cache)
+    return shard_in_feature_space(
+        shard, local_head_extractor(config), node_feature_cache(node_config)
+    )
+
+
+def node_feature_cache(node_config: Mapping[str, Any]) -> str | None:
+    """The folder the node keeps its own data's features in (node config `feature-cache`; the
+    node's choice, never a message's), or None: memory only."""
+    return str(node_config.get("feature-cache") or "") or None

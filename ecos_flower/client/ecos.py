@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
-from ecos_flower.client.data import LoadData, check_data_source, client_shard
+from ecos_flower.client.data import LoadData, check_data_source, client_shard, node_feature_cache
 from ecos_flower.client.messages import ECOS_QUERY, MAX_CENTROIDS, MAX_DIM, QueryRejected
 from ecos_flower.client.release import ReleaseBoundary, guarded
 from ecos_flower.ecos import FeatureExtractor, coverage_scores, score_sensitivity
@@ -288,7 +288,9 @@ def _answer_ecos_query(
     metrics["sigma"] = sigma
     # Charged (if private): only from here on is the node's data read.
     shard = load_data(config, context.node_config)
-    features = features_of(extractor, shard.train.images)
+    features = features_of(
+        extractor, shard.train.images, node_feature_cache(context.node_config), key="query"
+    )
     if features.ndim != 2 or features.shape[1] != centroids.shape[1]:
         raise ValueError(f"extractor features {features.shape[1:]} vs centroids {centroids.shape}")
     scores = coverage_scores(
