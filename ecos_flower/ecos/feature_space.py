@@ -113,22 +113,23 @@ def features_of(
     keys = _row_keys(tensor)
     if path is not None and path.is_file():
         features = np.load(path)
-        _MEMO.add(digest, keys, features)
     else:
-        missing = [i for i, k in enumerate(keys) if (digest, k) not in _MEMO.rows]
+        rows = {i: _MEMO.rows.get((digest, k)) for i, k in enumerate(keys)}
+        missing = [i for i, row in rows.items() if row is None]
         if missing:
             computed = np.asarray(extractor.transform(tensor[missing], progress=progress))
-            _MEMO.add(digest, [keys[i] for i in missing], computed)
-        rows = [_MEMO.rows.get((digest, k)) for k in keys]
-        if any(row is None for row in rows):  # the memo was cleared while adding: recompute
-            features = np.asarray(extractor.transform(tensor, progress=False), dtype=np.float32)
-        else:
-            features = np.stack(rows) if rows else np.asarray(extractor.transform(tensor))
+            rows.update(zip(missing, computed, strict=True))
+        features = (
+            np.stack([rows[i] for i in range(len(keys))])
+            if keys
+            else np.asarray(extractor.transform(tensor, progress=False))
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, features)
             os.replace(tmp, path)  # a reader never sees a half-written file
+    _MEMO.add(digest, keys, features)
     features = np.asarray(features, dtype=np.float32)
     features.setflags(write=False)
     return features

@@ -33,6 +33,7 @@ from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.flower.report import RunReport, no_results_message
 from ecos_flower.flower.selection import SelectionContext, build_extractor, task_model
 from ecos_flower.flower.settings import client_config
+from ecos_flower.flower.task_space import task_federation
 from ecos_flower.flower.timing import PhaseTimer
 from ecos_flower.flower.validation import (
     InvalidReplyError,
@@ -424,7 +425,8 @@ def run_dp_linear_probe(grid: Any, config: dict[str, Any]) -> RunReport:
     if not finetune_enabled(config):
         raise ValueError("dp-linear-probe needs finetune-epsilon > 0")
     start, timer = time.time(), PhaseTimer()
-    federation = server_federation(config)
+    # The pool as the task model takes it (a head model: the extractor's features).
+    federation = task_federation(config, server_federation(config))
     metered = MeteredGrid(grid)
     with timer("cloud-training"):
         model = pool_model(config, federation, config["model"])
