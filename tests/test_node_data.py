@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_helpers import run_tiny, tiny_scenario
 from PIL import Image
 
 import ecos_flower.client.data as client_data
@@ -24,7 +25,6 @@ from ecos_flower.data.node_data import (
 )
 from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.flower.settings import client_config
-from tests.flower_helpers import run_tiny, tiny_scenario
 
 SERVER = ("bird", "cat", "dog")
 

@@ -8,7 +8,7 @@ streams a pool through a feature extractor with one batch in memory at a time
 
 Labels follow the class-name rules of the eager loaders: class folders named by class name
 (ranked in sorted order, as torchvision's ImageFolder) or all by integer, and, given a label
-space (`class_names`, e.g. the server's), mapped into it by name (`node_data.label_mapping`:
+space (`class_names`, e.g. the server's), mapped into it by name (`image_tree.label_mapping`:
 an unknown name is a `LabelSpaceError` naming both lists).
 
 `fingerprint()` identifies the data from the file list alone (relative paths, sizes, mtimes,
@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .image_tree import decode_image, folder_class_names, folder_classes, label_mapping
 from .imageops import standardize, to_float_images
-from .loaders import decode_image, folder_class_names, folder_classes
-from .node_data import label_mapping
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -53,7 +52,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         1 (grey) or 3 (RGB) channels per image.
     class_names : sequence of str, optional
         The label space (label i is `class_names[i]`); the tree's class names must be among
-        them. Default: the tree's own classes (`loaders.folder_class_names`).
+        them. Default: the tree's own classes (`image_tree.folder_class_names`).
 
     Raises
     ------

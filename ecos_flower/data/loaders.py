@@ -25,6 +25,7 @@ import torch
 from .embedded import VARIANTS, embedded_digits, sklearn_digits
 from .errors import DataError
 from .idx import read_idx
+from .image_tree import decode_image, folder_class_names, folder_classes
 from .imageops import standardize, to_float_images
 from .types import ImageSet
 
@@ -171,64 +172,6 @@ def _read_usps(name, path, options, size):
         ys.append(y)
     # torchvision already maps USPS's [-1, 1] values to uint8 0..255: divide by 255 for [0, 1].
     return to_float_images(np.concatenate(xs), 255.0), torch.from_numpy(np.concatenate(ys))
-
-
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-
-
-def _integer_name(name: str) -> int | None:
-    """The non-negative integer a folder name spells (`"7"`), else None."""
-    try:
-        value = int(name)
-    except ValueError:
-        return None
-    return value if value >= 0 and name.strip() == name else None
-
-
-def folder_classes(root: Path) -> dict[str, int]:
-    """Class folder name -> label of an ImageFolder tree. Integer-named folders (0/, 1/, 10/) are
-    their integers; class-named folders (cat/, dog/) are their rank in sorted name order (as
-    torchvision's ImageFolder). A mix of both is refused (is `3/` label 3 or a name?)."""
-    names = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-    ints = {name: _integer_name(name) for name in names}
-    if all(v is not None for v in ints.values()):
-        labels: dict[str, int] = {n: int(v) for n, v in ints.items() if v is not None}
-        seen: dict[int, str] = {}
-        for name, label in labels.items():
-            if label in seen:
-                raise DataError(
-                    f"{root}: class folders {seen[label]!r} and {name!r} both mean label {label}"
-                )
-            seen[label] = name
-        return labels
-    if any(v is not None for v in ints.values()):
-        bad = next(n for n, v in ints.items() if v is None)
-        raise DataError(
-            f"{Path(root) / bad}: class folder names must be either all non-negative integer "
-            "labels (0, 1, ..., 9) or all class names (cat, dog, ...), not a mix"
-        )
-    return {name: rank for rank, name in enumerate(names)}
-
-
-def folder_class_names(root: Path) -> dict[int, str]:
-    """Label -> class name of an ImageFolder tree (integer folders: the integer's text)."""
-    return {
-        label: str(label) if _integer_name(name) is not None else name
-        for name, label in folder_classes(root).items()
-    }
-
-
-def decode_image(file: str | Path) -> np.ndarray:
-    """One image file as a uint8 array: (H, W) for grey modes, (H, W, 3) otherwise (RGBA,
-    palette, CMYK... become RGB). DataError naming the file if Pillow cannot read it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as img:
-            img = img.convert("L") if img.mode in _GREY_MODES else img.convert("RGB")
-            return np.array(img)  # writable: torch.as_tensor warns on read-only arrays
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{file}: cannot read image: {exc}") from None
 
 
 def read_image_tree(

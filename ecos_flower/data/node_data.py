@@ -35,6 +35,8 @@ import torch
 
 from .errors import DataError
 from .federation import ClientShard, derive_seed
+from .image_tree import LabelSpaceError as LabelSpaceError  # re-exported: the node's refusal
+from .image_tree import label_mapping
 from .imageops import standardize, to_float_images
 from .loaders import read_image_tree
 from .partition import split_fraction
@@ -45,10 +47,6 @@ NODE_DOMAIN = "node"
 
 MAX_CLASSES = 100_000
 """The most class names a node accepts from a server (a bound before it allocates anything)."""
-
-
-class LabelSpaceError(ValueError):
-    """The node's class names are not a subset of the server's (the message names both)."""
 
 
 def parse_class_names(value: object) -> tuple[str, ...]:
@@ -122,24 +120,6 @@ def node_class_names(path: str | Path) -> tuple[str, ...] | None:
             raise DataError(f"node data {path}: no class sub-folders")
         return names
     return _npz_class_names(path)
-
-
-def label_mapping(
-    node_names: Sequence[str] | None, server_names: Sequence[str], where: str = "node data"
-) -> dict[str, int] | None:
-    """Node class name -> the server's label for it; None when the node has no names (its
-    labels already are the server's). LabelSpaceError naming both lists if the node holds a
-    class the server does not know."""
-    if node_names is None:
-        return None
-    server = {name: i for i, name in enumerate(server_names)}
-    unknown = [n for n in node_names if n not in server]
-    if unknown:
-        raise LabelSpaceError(
-            f"{where}: class(es) {unknown} not in the server's label space: this node has "
-            f"{list(node_names)}, the server has {list(server_names)}"
-        )
-    return {n: server[n] for n in node_names}
 
 
 def check_node_data(path: str | Path, server_names: Sequence[str]) -> None:
