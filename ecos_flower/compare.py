@@ -37,33 +37,12 @@ from ecos_flower.console import logs_to_file
 from ecos_flower.data import DataError, Scenario, load_scenario
 from ecos_flower.dssgd.svt import svt_scales
 from ecos_flower.flower.engines import ENGINES, run_once
-from ecos_flower.flower.report import RunReport, _json_safe
 from ecos_flower.flower.settings import PACKAGE_ROOT, merge_run_config, resolve_path
 from ecos_flower.privacy.gaussian import analytic_gaussian_epsilon, analytic_gaussian_sigma
 from ecos_flower.privacy.units import NONE, UNITS, PrivacyUnit, privacy_unit, units_note
 
 LOG_NAME = "compare.log"  # in the output folder: Flower's log, warnings, Ray's output
 SAMPLING = ("ecos", "oracle", "random", "kcenter", "in-domain")
-# The keys every record has (the schema documented in the README; keep it stable).
-RECORD_KEYS = (
-    "method",
-    "preset",
-    "seed",
-    "budget",
-    "accuracy_mean",
-    "accuracy_per_client",
-    "epsilon",
-    "delta",
-    "bytes_up_per_client",
-    "bytes_down_per_client",
-    "client_compute_s",
-    "wall_s",
-    "domain_precision",
-    "settings",
-    "epsilon_target",
-    "privacy_unit",
-    "noise_by",
-)
 PRIVACY_UTILITY_PNG = "privacy-utility.png"
 BYTES_PNG = "accuracy-vs-bytes.png"
 BUDGET_PNG = "accuracy-vs-budget.png"
@@ -150,41 +129,6 @@ def epsilon_settings(preset: str, config: Mapping[str, Any], epsilon: float) -> 
             per_unit = svt_scales(1.0, 1, 1.0, config["svt-split"]).epsilon_spent
             settings[key] = epsilon / (config["dssgd-epochs"] * per_unit)
     return settings
-
-
-def to_record(
-    report: RunReport,
-    preset: str,
-    budget: int | None,
-    *,
-    unit: PrivacyUnit = NONE,
-    epsilon_target: float | None = None,
-) -> dict[str, Any]:
-    """A report as one results.json record (the stable schema). `epsilon` is what the clients'
-    ledgers were charged (the largest over clients), `epsilon_target` the sweep's target."""
-    full = report.to_json()
-    record = {
-        "method": preset,
-        "preset": preset,
-        "seed": report.seed,
-        "budget": budget,
-        "accuracy_mean": report.accuracy_mean,
-        "accuracy_per_client": full["accuracy_per_client"],
-        "epsilon": full["epsilon"],
-        "delta": report.delta,
-        "bytes_up_per_client": full["bytes_up_per_client"],
-        "bytes_down_per_client": full["bytes_down_per_client"],
-        "client_compute_s": full["client_compute_s"],
-        "wall_s": report.wall_s,
-        "domain_precision": report.extra.get("domain-precision"),
-        "settings": full["settings"],
-        "epsilon_target": epsilon_target,
-        "privacy_unit": unit.name,
-        "noise_by": unit.noise_by,
-        "phase_seconds": full["phase_seconds"],
-        "extra": _json_safe(report.extra),
-    }
-    return record
 
 
 def check_data_paths(scenario: Scenario) -> None:
@@ -383,8 +327,8 @@ def run_compare(
             report = run_once(run.config, num_clients, engine)
             report.wall_s = time.time() - start
             report.privacy_unit = run.unit.label
-            record = to_record(
-                report, run.method, run.budget, unit=run.unit, epsilon_target=run.epsilon_target
+            record = report.record(
+                run.method, run.budget, unit=run.unit, epsilon_target=run.epsilon_target
             )
             record["config_sha256"] = run.config_sha256
             records.append(record)

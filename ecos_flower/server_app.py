@@ -32,6 +32,7 @@ from ecos_flower.flower.sampling_run import SAMPLING_METHODS, run_sampling
 from ecos_flower.flower.settings import merge_run_config, resolve_path, wait_for_nodes
 from ecos_flower.flower.task_space import name_head_extractor
 from ecos_flower.models import set_torch_threads
+from ecos_flower.privacy.units import privacy_unit
 
 METHODS: dict[str, Callable[[Grid, dict[str, Any]], RunReport]] = {
     "fedavg": run_fedavg,
@@ -109,13 +110,15 @@ def run_method(grid: Grid, config: dict[str, Any]) -> RunReport:
     # on small shared machines their default of one thread per core ran K-means 8x slower.
     with threadpool_limits(limits=config["torch-threads"]):
         report = METHODS[method](grid, config)
+    report.privacy_unit = privacy_unit(config).label  # printed next to every epsilon
     if config["pool"]:
         # What the server read (the scenario's default path in the run config it did not).
         report.extra["pool"] = report.scenario = config["pool"]
     for line in report.table().splitlines():
         log(INFO, "%s", line)
     if config.get("results-dir"):
-        path = report.write(config["results-dir"])
+        budget = config["budget"] if method in SAMPLING_METHODS else None
+        path = report.write(config["results-dir"], budget=budget)
         log(INFO, "results written to %s", path)
     return report
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ecos_flower.compare import check_data_paths, mean_std, plan_runs, preset_config, to_record
+from ecos_flower.compare import check_data_paths, mean_std, plan_runs, preset_config
 from ecos_flower.console import logs_to_file
 from ecos_flower.data import load_scenario
 from ecos_flower.flower.engines import run_once
@@ -191,9 +191,7 @@ def run_points(
             report = run_once(run.config, num_clients, ENGINE)
             report.wall_s = time.time() - start
             report.privacy_unit = run.unit.label
-            record = to_record(
-                report, method, None, unit=run.unit, epsilon_target=run.epsilon_target
-            )
+            record = report.record(method, None, unit=run.unit, epsilon_target=run.epsilon_target)
             this_run = report.extra.get("epsilon-this-run")  # DSSGD-DP only
             record.update(
                 phase=phase,

@@ -9,8 +9,9 @@ import pytest
 from flower_helpers import FAST, tiny_scenario
 
 from ecos_flower.cli import main
-from ecos_flower.compare import RECORD_KEYS, run_compare
+from ecos_flower.compare import run_compare
 from ecos_flower.data import ScenarioError
+from ecos_flower.flower.report import RECORD_KEYS
 
 TYPES = {
     "method": str,

@@ -13,6 +13,7 @@ from flower_helpers import run_tiny, server_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from ecos_flower.client.dp_fedavg import dpsgd_train_handler
+from ecos_flower.client_app import app as client_app
 from ecos_flower.data import ClientShard, ImageSet
 from ecos_flower.ecos import feature_space
 from ecos_flower.ecos.feature_space import (
@@ -25,6 +26,7 @@ from ecos_flower.ecos.feature_space import (
 )
 from ecos_flower.ecos.features import FeatureExtractor, make_extractor
 from ecos_flower.flower.fedavg import dpsgd_request
+from ecos_flower.flower.inprocess import InProcessGrid
 from ecos_flower.flower.settings import merge_run_config
 from ecos_flower.models import build_model, evaluate_accuracy, train_epochs
 from ecos_flower.models.backbones import pretrained_available
@@ -238,3 +240,56 @@ def test_a_node_keeps_its_query_features_where_its_own_config_says(tmp_path):
         key="query",
     )
     assert len(list(tmp_path.glob("query-*.npy"))) == 1
+
+
+@pytest.mark.skipif(not pretrained_available(), reason="needs the `pretrained` extra")
+def test_applications_with_a_head_feed_feature_maps_images_and_the_head_features(
+    micro_scenario, flwr_home
+):
+    # A random selection computes no pool features, so near-selection and the kNN query run the
+    # run's extractor on the pool themselves: on its images, while the head trains on features.
+    # Distillation's CNN teacher takes images, the head student features, of the same samples.
+    head = {"model": "linear-head", "extractor": "efficientnet-lite0", "learning-rate": 0.5}
+    runs = {
+        "semi-supervised": {"semi-unlabelled": "near-selection", "semi-max-unlabelled": 40},
+        "private-knn": {"knn-k": 5, "knn-k-per-query": 0.0},
+        "distill": {"teacher-model": "small-cnn", "teacher-epochs": 2},
+    }
+    for application, extra in runs.items():
+        report, _ = run_tiny(
+            micro_scenario,
+            2,
+            method="random",
+            budget=60,
+            application=application,
+            **{"cloud-epochs": 20},
+            **head,
+            **extra,
+        )
+        assert set(report.accuracy_per_client) == {0, 1}, application
+        # The head is what the clients evaluated (a linear map of 1280-d features).
+        assert min(report.bytes_down_per_client.values()) >= (1280 * 10 + 10) * 4, application
+    # The kNN query does not depend on the task model: for a head as for a CNN it holds the
+    # extractor's features of the selected pool images (the same random selection).
+    queried = {}
+    for model in ("linear-head", "small-cnn"):
+        seen = []
+
+        def recording_app(message, context, seen=seen):
+            if message.metadata.message_type == "query.knn":
+                seen.append(message.content["queries"]["features"].numpy())
+            return client_app(message, context)
+
+        grid = InProcessGrid(client_app, 2, client_apps={0: recording_app})
+        run_tiny(
+            micro_scenario,
+            2,
+            grid,
+            method="random",
+            budget=60,
+            application="private-knn",
+            **{**head, "model": model, "knn-k": 5, "knn-k-per-query": 0.0},
+        )
+        (queried[model],) = seen
+    assert queried["linear-head"].shape == (60, 1280)
+    np.testing.assert_allclose(queried["linear-head"], queried["small-cnn"], atol=1e-4)

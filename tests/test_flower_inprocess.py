@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from ecos_flower.client_app import app as client_app
 from ecos_flower.flower.fedavg import RecordingFedAvg
 from ecos_flower.flower.inprocess import InProcessGrid
+from ecos_flower.flower.report import RECORD_KEYS
 from ecos_flower.flower.settings import DEFAULT_RUN_CONFIG
 
 
@@ -79,6 +80,27 @@ def test_ecos_flow_spends_the_requested_epsilon_and_uploads_k_numbers(scenario):
     assert report.extra["answered"] == 3
     assert report.extra["selected"] == 60
     assert 0.0 <= report.extra["domain-precision"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "unit", "budget"), [("ecos", "record", 60), ("fedavg", "none", None)]
+)
+def test_a_server_apps_results_json_has_the_documented_record_schema(
+    scenario, tmp_path, method, unit, budget
+):
+    # A ServerApp run with `results-dir` (how `flwr run` writes results) writes the same record
+    # as `ecos-flower compare`: privacy unit, budget and domain precision at the top level.
+    report, _ = run_tiny(scenario, method=method, **{"results-dir": str(tmp_path / "out")})
+    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(RECORD_KEYS) <= set(record)
+    assert (record["method"], record["privacy_unit"], record["budget"]) == (method, unit, budget)
+    assert record["accuracy_mean"] == pytest.approx(report.accuracy_mean)
+    assert set(record["accuracy_per_client"]) == {"0", "1", "2"}
+    if method == "ecos":  # each client's ledger total; a non-private method charges none
+        assert set(record["epsilon_per_client"]) == {"0", "1", "2"}
+        assert record["domain_precision"] == report.extra["domain-precision"]
+    else:
+        assert record["epsilon_per_client"] == {} and record["epsilon"] == "inf"
 
 
 def test_ecos_client_keeps_its_ledger_in_state_dir_and_refuses_beyond_its_limit(scenario, tmp_path):

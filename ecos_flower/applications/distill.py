@@ -41,6 +41,7 @@ def distill(
     teacher: nn.Module,
     images: torch.Tensor,
     *,
+    teacher_images: torch.Tensor | None = None,
     temperature: float = 4.0,
     epochs: int = 30,
     batch_size: int = 32,
@@ -51,7 +52,9 @@ def distill(
     device: str = "cpu",
 ) -> float:
     """Train `student` in place to match the teacher's softened outputs on `images` (unlabelled);
-    returns the last epoch's mean distillation loss.
+    returns the last epoch's mean distillation loss. `teacher_images` are the same samples as
+    the teacher takes them, when its input differs from the student's (e.g. pixels for a CNN
+    teacher, pretrained features for a head student); default `images`.
 
     The KL is scaled by T, so its gradient in the logits, (q_student - q_teacher), has the scale of
     cross-entropy's and the task's learning rate fits (Hinton et al.'s T^2 balances soft and hard
@@ -61,7 +64,12 @@ def distill(
         raise ValueError("cannot distil on an empty set")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    logits = batched_apply(teacher.to(device).eval(), images, device=device)
+    if teacher_images is not None and len(teacher_images) != len(images):
+        raise ValueError(
+            f"teacher_images holds {len(teacher_images)} samples, images {len(images)}"
+        )
+    teacher_input = images if teacher_images is None else teacher_images
+    logits = batched_apply(teacher.to(device).eval(), teacher_input, device=device)
     targets = F.softmax(logits / temperature, dim=1)
     student.to(device).train()
     optimiser = torch.optim.SGD(student.parameters(), lr=learning_rate, momentum=momentum)

@@ -61,7 +61,8 @@ def pool_model(config: dict[str, Any], federation: Federation, name: str) -> tor
     epochs = config["teacher-epochs"]
     key = (
         config["scenario"],
-        len(pool),
+        config.get("pool", ""),
+        tuple(pool.images.shape),  # pixels or a head's features
         federation.num_classes,
         name,
         epochs,
@@ -121,7 +122,7 @@ def train_semi_supervised(context: SelectionContext) -> torch.nn.Module:
     """Label outsourcing + pseudo-labelling: the selection with its (outsourced) labels, plus
     `semi-max-unlabelled` samples of the unlabelled rest of the pool: a seeded random draw
     (`semi-unlabelled` = pool) or those nearest to the selection (near-selection)."""
-    config, pool = context.config, context.federation.pool
+    config, pool = context.config, context.training_pool
     seed = config["seed"]
     chosen = torch.as_tensor(context.selected, dtype=torch.long)
     rest = np.setdiff1d(np.arange(len(pool)), context.selected)
@@ -160,15 +161,20 @@ def train_semi_supervised(context: SelectionContext) -> torch.nn.Module:
 # ------------------------------------------------------------------- 2. distillation
 def train_distilled(context: SelectionContext) -> torch.nn.Module:
     """A `teacher-model` trained on the whole labelled pool, distilled into the task model on the
-    selected samples only (their labels are not used)."""
-    config, pool = context.config, context.federation.pool
-    teacher = pool_model(config, context.federation, config["teacher-model"])
+    selected samples only (their labels are not used). Each model sees the pool as it takes it
+    (a head: the extractor's features), so a pixel teacher can teach a head and back."""
+    config = context.config
+    teacher_federation = task_federation(
+        {**config, "model": config["teacher-model"]}, context.federation
+    )
+    teacher = pool_model(config, teacher_federation, config["teacher-model"])
     student = task_model(context)
     chosen = torch.as_tensor(context.selected, dtype=torch.long)
     loss = distill(
         student,
         teacher,
-        pool.images[chosen],
+        context.training_pool.images[chosen],
+        teacher_images=teacher_federation.pool.images[chosen],
         temperature=config["distill-temperature"],
         epochs=config["cloud-epochs"],
         batch_size=config["batch-size"],
@@ -329,7 +335,8 @@ def _labelling_extractor(config: dict[str, Any], federation: Federation, kind: s
 def train_private_knn(context: SelectionContext) -> torch.nn.Module:
     """Clients label the selected samples by private kNN; the cloud trains on the voted labels
     (only the samples whose top vote clears `knn-threshold` x the aggregate noise std). The
-    clients' ledger totals go into `context.epsilon_spent`."""
+    clients' ledger totals go into `context.epsilon_spent`. The feature maps take the pool's
+    images; the task model trains on `training_pool` (features for a head)."""
     config, pool = context.config, context.federation.pool
     chosen = torch.as_tensor(context.selected, dtype=torch.long)
     kind = config["knn-extractor"]
@@ -358,6 +365,7 @@ def train_private_knn(context: SelectionContext) -> torch.nn.Module:
         )
     labels, kept = aggregate_votes(votes, sigmas, config["knn-threshold"])
     truth = pool.labels[chosen].numpy()
+    pool = context.training_pool
     context.extra.update(
         {
             "knn-answered": len(votes),

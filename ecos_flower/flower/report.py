@@ -9,6 +9,29 @@ from pathlib import Path
 from typing import Any
 
 from ecos_flower.flower.payload import MeteredGrid
+from ecos_flower.privacy.units import NONE, UNITS, PrivacyUnit
+
+# The keys every results.json record has (the schema documented in the README; keep it stable).
+RECORD_KEYS = (
+    "method",
+    "preset",
+    "seed",
+    "budget",
+    "accuracy_mean",
+    "accuracy_per_client",
+    "epsilon",
+    "epsilon_per_client",
+    "delta",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "client_compute_s",
+    "wall_s",
+    "domain_precision",
+    "settings",
+    "epsilon_target",
+    "privacy_unit",
+    "noise_by",
+)
 
 
 @dataclass
@@ -64,6 +87,45 @@ class RunReport:
             record[key] = {str(k): v for k, v in sorted(record[key].items())}
         return _json_safe(record)
 
+    def record(
+        self,
+        preset: str | None = None,
+        budget: int | None = None,
+        *,
+        unit: PrivacyUnit | None = None,
+        epsilon_target: float | None = None,
+    ) -> dict[str, Any]:
+        """This run as one results.json record: the stable schema the README documents, the
+        same for `ecos-flower run`/`compare` and a ServerApp's `results-dir`. `preset` defaults
+        to the method, `unit` to the one `privacy_unit` names. `epsilon` is the largest ledger
+        total a client reported: in a simulation what the run spent; on a deployed node with a
+        persistent ledger its lifetime total (DSSGD also reports `extra.epsilon-this-run`)."""
+        if unit is None:
+            unit = next((u for u in UNITS.values() if u.label == self.privacy_unit), NONE)
+        full = self.to_json()
+        return {
+            "method": preset or self.method,
+            "preset": preset or self.method,
+            "seed": self.seed,
+            "budget": budget,
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_per_client": full["accuracy_per_client"],
+            "epsilon": full["epsilon"],
+            "epsilon_per_client": full["epsilon_per_client"],
+            "delta": self.delta,
+            "bytes_up_per_client": full["bytes_up_per_client"],
+            "bytes_down_per_client": full["bytes_down_per_client"],
+            "client_compute_s": full["client_compute_s"],
+            "wall_s": self.wall_s,
+            "domain_precision": self.extra.get("domain-precision"),
+            "settings": full["settings"],
+            "epsilon_target": epsilon_target,
+            "privacy_unit": unit.name,
+            "noise_by": unit.noise_by,
+            "phase_seconds": full["phase_seconds"],
+            "extra": _json_safe(self.extra),
+        }
+
     def table(self) -> str:
         """Per-client lines: accuracy, epsilon, bytes up and down."""
         lines = [
@@ -89,12 +151,12 @@ class RunReport:
         )
         return "\n".join(lines)
 
-    def write(self, directory: str | Path) -> Path:
-        """Write `results.json` (a list holding this run's record) into `directory`."""
+    def write(self, directory: str | Path, budget: int | None = None) -> Path:
+        """Write `results.json` (a list holding this run's `record`) into `directory`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "results.json"
-        path.write_text(json.dumps([self.to_json()], indent=2))
+        path.write_text(json.dumps([self.record(budget=budget)], indent=2))
         return path
 
 

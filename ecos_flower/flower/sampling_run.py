@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from ecos_flower.data import Federation
+from ecos_flower.data import Federation, ImageSet
 from ecos_flower.data.pool import server_federation
 from ecos_flower.ecos import (
     InDomainSampler,
@@ -85,10 +85,10 @@ def run_sampling(grid: Grid, config: dict[str, Any]) -> RunReport:
         ),
     }.get(method, lambda: None)()
     delivery = ExtractorDelivery(by_name=config["extractor-shipping"] == "by-name")
-    # The cloud trains the task model on the pool as that model takes it (a head: features).
-    cloud = _CloudStep(
-        config, task_federation(config, federation), metered, features, extractor, delivery
-    )
+    # The cloud trains the task model on the pool as that model takes it (a head: features);
+    # feature maps (kNN labelling, near-selection) still read the pool's images.
+    task_pool = task_federation(config, federation).pool
+    cloud = _CloudStep(config, federation, task_pool, metered, features, extractor, delivery)
     strategy = Ecos(
         budget=config["budget"],
         pool=pool,
@@ -125,12 +125,14 @@ class _CloudStep:
         self,
         config: dict[str, Any],
         federation: Federation,
+        task_pool: ImageSet,
         grid: MeteredGrid,
         features: np.ndarray | None,
         extractor: Any,
         delivery: ExtractorDelivery,
     ) -> None:
         self.config, self.federation, self.grid = config, federation, grid
+        self.task_pool = task_pool
         self.features, self.extractor, self.delivery = features, extractor, delivery
         self.context: SelectionContext | None = None
         self.model: torch.nn.Module | None = None
@@ -144,12 +146,13 @@ class _CloudStep:
             self.features,
             self.extractor,
             self.delivery,
+            task_pool=self.task_pool,
         )
         self.model = use_selection(self.context)
         return ArrayRecord(self.model.state_dict())
 
     def finetune(self, selection: np.ndarray, arrays: ArrayRecord) -> ConfigRecord:
-        images = self.federation.pool.images[selection]
+        images = self.task_pool.images[selection]
         scale = public_feature_scale_of(self.model, images, self.config["device"])
         return finetune_record(self.config, scale)
 
@@ -241,7 +244,7 @@ def _report(
 
 def train_on_selection(context: SelectionContext) -> torch.nn.Module:
     """Label outsourcing: train the task model on the selected samples with their pool labels."""
-    config, pool = context.config, context.federation.pool
+    config, pool = context.config, context.training_pool
     model = task_model(context)
     chosen = context.selected.tolist()
     train_epochs(

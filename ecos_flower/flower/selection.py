@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ecos_flower.config import TORCHVISION_PREFIX
-from ecos_flower.data import Federation
+from ecos_flower.data import Federation, ImageSet
 from ecos_flower.ecos import FeatureExtractor, make_extractor
 from ecos_flower.flower.payload import MeteredGrid
 from ecos_flower.models import build_model
@@ -64,10 +64,12 @@ def build_extractor(config: dict[str, Any], federation: Federation) -> FeatureEx
 @dataclass
 class SelectionContext:
     """What the step after selection may use: the run config, the federation (only its public
-    pool on the server), the selected pool indices, the metered grid (an application may query
-    clients, e.g. private kNN labelling), the pool features and the extractor (None for methods
-    without one), and `delivery`: which nodes already hold which extractor (shared with the
-    strategy's query, so a kNN query does not ship the same weights twice).
+    pool on the server, as images: what feature maps take), `task_pool` (the same pool as the
+    task model takes it: the extractor's features for a head model; None when that is the
+    images, see `training_pool`), the selected pool indices, the metered grid (an application
+    may query clients, e.g. private kNN labelling), the pool features and the extractor (None
+    for methods without one), and `delivery`: which nodes already hold which extractor (shared
+    with the strategy's query, so a kNN query does not ship the same weights twice).
 
     An application writes what it measured into `extra` (report extras), and the ledger totals
     its own client rounds reported into `epsilon_spent` (client -> epsilon) and the nodes that
@@ -83,11 +85,18 @@ class SelectionContext:
     extra: dict[str, Any] = field(default_factory=dict)
     epsilon_spent: dict[int, float] = field(default_factory=dict)
     node_to_client: dict[int, int] = field(default_factory=dict)
+    task_pool: ImageSet | None = None
+
+    @property
+    def training_pool(self) -> ImageSet:
+        """The pool the task model trains on: `task_pool`, or the pool's images."""
+        return self.federation.pool if self.task_pool is None else self.task_pool
 
 
 def task_model(context: SelectionContext) -> torch.nn.Module:
-    """A freshly initialised task model (`model` of the run config) for the pool's image shape."""
-    images = context.federation.pool.images
+    """A freshly initialised task model (`model` of the run config) for the shape of what it
+    takes (`training_pool`: images, or features for a head)."""
+    images = context.training_pool.images
     return build_model(
         context.config["model"],
         context.federation.num_classes,
