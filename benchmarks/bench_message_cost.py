@@ -33,7 +33,11 @@ import time
 from pathlib import Path
 
 from ecos_flower.flower.settings import PACKAGE_ROOT
-from ecos_flower.testing.deployment import LocalDeployment, _descendants
+from ecos_flower.testing.deployment import (
+    LocalDeployment,
+    _descendants,
+    write_flower_app_pyproject,
+)
 
 SCENARIO = PACKAGE_ROOT / "simulations" / "embedded.toml"
 ECOS = {"method": "ecos", "cloud-epochs": 1, "budget": 200, "extractor": "pca"}
@@ -81,32 +85,6 @@ def main(grid: Grid, context: Context) -> None:
     with open(out, "w") as f:
         json.dump({"query": query, "train": train}, f)
 '''
-
-FLOOR_PYPROJECT = """
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "floor-app"
-version = "1.0.0"
-dependencies = ["flwr>=1.39,<1.40"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "bench"
-
-[tool.flwr.app.components]
-serverapp = "floor_app:server"
-clientapp = "floor_app:client"
-
-[tool.flwr.app.config]
-rounds = 3
-nodes = 1
-out = ""
-"""
 
 
 class PeakRss:
@@ -235,7 +213,15 @@ def main() -> None:
     floor_app = root / "floor"
     floor_app.mkdir()
     (floor_app / "floor_app.py").write_text(textwrap.dedent(FLOOR_APP))
-    (floor_app / "pyproject.toml").write_text(FLOOR_PYPROJECT)
+    write_flower_app_pyproject(
+        floor_app,
+        "floor-app",
+        packages=["."],
+        serverapp="floor_app:server",
+        clientapp="floor_app:client",
+        config={"rounds": 3, "nodes": 1, "out": ""},
+        publisher="bench",
+    )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.nodes} SuperNodes on loopback"
     )

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import textwrap
 import threading
 import time
 import uuid
@@ -55,6 +54,7 @@ from ecos_flower.testing.deployment import (
     _write_private,
     free_port,
     wait_for_log,
+    write_flower_app_pyproject,
 )
 
 pytestmark = pytest.mark.deployment
@@ -123,35 +123,16 @@ def write_tiny_app(folder: Path, name: str, marker: str = "") -> Path:
     (folder / package / "__init__.py").write_text(f'"""{name}{marker}"""\n')
     (folder / package / "server_app.py").write_text(SERVER_APP)
     (folder / package / "client_app.py").write_text(CLIENT_APP + marker)
-    (folder / "pyproject.toml").write_text(
-        textwrap.dedent(
-            f"""\
-            [build-system]
-            requires = ["hatchling"]
-            build-backend = "hatchling.build"
-
-            [project]
-            name = "{name}"
-            version = "1.0.0"
-            description = "ecos-flower trusted-code test app"
-            license = "Apache-2.0"
-            dependencies = ["flwr"]
-
-            [tool.hatch.build.targets.wheel]
-            packages = ["{package}"]
-
-            [tool.flwr.app]
-            publisher = "{PUBLISHER}"
-
-            [tool.flwr.app.components]
-            serverapp = "{package}.server_app:app"
-            clientapp = "{package}.client_app:app"
-
-            [tool.flwr.app.config]
-            num-nodes = 2
-            result-path = ""
-            """
-        )
+    write_flower_app_pyproject(
+        folder,
+        name,
+        packages=[package],
+        serverapp=f"{package}.server_app:app",
+        clientapp=f"{package}.client_app:app",
+        config={"num-nodes": 2, "result-path": ""},
+        publisher=PUBLISHER,
+        dependencies=["flwr"],
+        description="ecos-flower trusted-code test app",
     )
     return folder
 

@@ -135,6 +135,24 @@ def test_a_refusal_is_an_answer_not_a_drop():
     assert [e["phase"] for e in strategy.dropped] == []
 
 
+def test_a_run_in_which_every_upload_was_refused_is_an_error_naming_each_node():
+    # Every node refuses every training step but answers evaluation: Flower's loop completes,
+    # and start() says that no model was trained instead of returning the initial one.
+    grid, _ = _grid()
+    answer = grid.apps[grid.node_ids[0]]
+
+    def refuse_training(msg, context):
+        if msg.metadata.message_type.startswith("train"):
+            return _refuse(msg, context)
+        return answer(msg, context)
+
+    grid.apps = dict.fromkeys(grid.node_ids, refuse_training)
+    with pytest.raises(RuntimeError, match="DSSGD accepted no upload in 2 round") as raised:
+        _start(Dssgd(schedule="parallel"), grid)
+    for node in grid.node_ids:
+        assert f"node {node}: refused: privacy budget exceeded" in str(raised.value)
+
+
 def test_min_clients_above_the_connected_nodes_is_refused():
     with pytest.raises(RuntimeError, match="min-clients=4 but only 3 node"):
         _start(Dssgd(min_clients=4), _grid()[0])

@@ -335,15 +335,22 @@ class Dssgd(Strategy):
         The returned Result holds the final global parameters (`arrays`: one flat float32
         "params"), per train round the counts of accepted / rejected / refused uploads, and per
         evaluated round the mean local and server-model accuracy plus every client's figures
-        keyed "<figure>/client-<partition id>" (see `CLIENT_FIGURES`, `per_client`).
+        keyed "<figure>/client-<partition id>" (see `CLIENT_FIGURES`, `per_client`). Raises
+        RuntimeError naming every node's refusal or rejection if no upload was accepted.
         """
         if isinstance(num_rounds, bool) or int(num_rounds) != num_rounds or num_rounds < 1:
             raise ValueError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
         self._num_rounds = int(num_rounds)
         self._reset()
-        return super().start(
+        result = super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
         )
+        if self.accepted == 0:  # every step refused or rejected: the result is no trained model
+            reasons = {n: f"refused: {r}" for n, r in self.refused.items()}
+            reasons.update((e.node_id, f"rejected: {e.problem}") for e in self.rejected)
+            listed = "; ".join(f"node {n}: {r}" for n, r in sorted(reasons.items()))
+            raise RuntimeError(f"DSSGD accepted no upload in {num_rounds} round(s): {listed}")
+        return result
 
     # ------------------------------------------------------------------ train round
     def _task_record(self, epoch: int) -> ConfigRecord:

@@ -487,5 +487,41 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def write_flower_app_pyproject(
+    folder: Path,
+    name: str,
+    *,
+    packages: Sequence[str],
+    serverapp: str,
+    clientapp: str,
+    config: Mapping[str, Any],
+    publisher: str = "ecos",
+    dependencies: Sequence[str] = ("flwr>=1.39,<1.40",),
+    description: str = "",
+) -> Path:
+    """Write `folder/pyproject.toml` of a minimal Flower App `publisher/name` 1.0.0 (hatchling
+    build, the given components and run config): what benchmarks and deployment tests ship."""
+    project: dict[str, Any] = {"name": name, "version": "1.0.0", "dependencies": list(dependencies)}
+    if description:
+        project["description"], project["license"] = description, "Apache-2.0"
+    document = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": project,
+        "tool": {
+            "hatch": {"build": {"targets": {"wheel": {"packages": list(packages)}}}},
+            "flwr": {
+                "app": {
+                    "publisher": publisher,
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": dict(config),
+                }
+            },
+        },
+    }
+    path = Path(folder) / "pyproject.toml"
+    path.write_text(tomli_w.dumps(document))
+    return path
+
+
 def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
