@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,16 @@ def node_worker(args: argparse.Namespace) -> None:
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where the help already says it or there is none."""
+    """Shows each option's default, except where the help already says it or there is none;
+    never wraps inside a hyphenated name (argparse's textwrap would print `dp-` / `fedavg`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, False) or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def positive_int(text: str) -> int:
