@@ -124,7 +124,7 @@ def node_worker(args: argparse.Namespace) -> None:
     """Serve this node's messages from one warm process (see `ecos_flower.node`)."""
     from ecos_flower.node.worker import main as serve
 
-    serve(args.socket, args.node_config, args.log_file)
+    serve(args.socket, args.node_config, args.log_file, args.socket_group)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -305,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's config, as for flower-supernode: 'k=v ...' or a .toml file",
     )
     worker_parser.add_argument("--log-file", default=None, help="log here (default: stderr)")
+    worker_parser.add_argument(
+        "--socket-group",
+        default=None,
+        help="a group whose members may connect (socket mode 0660): run the worker as its own "
+        "user owning the data and ledger, the SuperNode as a user in this group "
+        "(default: the worker's user only, mode 0600)",
+    )
     worker_parser.set_defaults(func=node_worker)
     return parser
 

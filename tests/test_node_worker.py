@@ -42,8 +42,10 @@ def sockets() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running(path: Path, node_config: dict, app: ClientApp | None = None) -> Iterator[NodeWorker]:
-    worker = NodeWorker(path, node_config, app=app)
+def running(
+    path: Path, node_config: dict, app: ClientApp | None = None, socket_group: int | None = None
+) -> Iterator[NodeWorker]:
+    worker = NodeWorker(path, node_config, app=app, socket_group=socket_group)
     worker.bind()
     thread = threading.Thread(target=worker.serve_forever, daemon=True)
     thread.start()
@@ -203,3 +205,90 @@ def test_a_worker_cannot_relay_again_and_long_paths_are_refused(sockets):
     worker = NodeWorker(sockets / ("x" * 120), {}, app=lambda m, c: m)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="107"):
         worker.bind()
+
+
+def test_a_socket_group_lets_another_user_reach_the_worker_but_not_the_nodes_files(sockets):
+    # The worker widens its socket to 0660 for the operator's group, no further.
+    gid = os.getgid()
+    path = sockets / "g.sock"
+    with running(path, {}, app=echo, socket_group=gid):
+        info = os.stat(path)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, gid)
+    with pytest.raises(ValueError, match="no group 'no-such-group-here'"):
+        NodeWorker(path, {}, app=lambda m, c: m, socket_group="no-such-group-here")
+
+
+PROBE = """
+import socket, sys
+try:
+    socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print("connect ok")
+except OSError: print("connect denied")
+try:
+    open(sys.argv[2]).read(); print("read ok")
+except OSError: print("read denied")
+"""
+
+
+def _python_for(uid: int) -> str | None:
+    """An interpreter user `uid` can run (the venv may live under root's home)."""
+    for candidate in ("/usr/bin/python3", sys.executable):
+        probe = subprocess.run(
+            [candidate, "-c", "pass"], user=uid, group=uid, extra_groups=[], capture_output=True
+        )
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run probes as nobody"
+)
+def test_the_supernodes_user_in_the_group_reaches_the_worker_but_cannot_read_its_data():
+    import grp
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+        other_group = grp.getgrnam("daemon").gr_gid
+    except KeyError:
+        pytest.skip("needs the system's nobody user and daemon group")
+    python = _python_for(nobody.pw_uid)
+    if python is None:
+        pytest.skip("no Python interpreter the nobody user may run")
+    folder = Path(tempfile.mkdtemp(prefix="ew-", dir="/tmp"))
+    try:
+        folder.chmod(0o711)  # others may reach the socket by name, not list the folder
+        data = folder / "data"
+        data.mkdir(mode=0o700)  # the node's images and ledger: the worker's user only
+        secret = data / "image.png"
+        secret.write_text("pixels")
+
+        def probe(socket_path: Path, gid: int) -> list[str]:
+            done = subprocess.run(
+                [python, "-c", PROBE, str(socket_path), str(secret)],
+                user=nobody.pw_uid,
+                group=gid,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            return done.stdout.split("\n")[:-1]
+
+        grouped, private = folder / "g.sock", folder / "p.sock"
+        with (
+            running(grouped, {}, app=echo, socket_group=nobody.pw_gid),
+            running(private, {}, app=echo),
+        ):
+            # The SuperNode's user, in the socket's group: it reaches the worker (whose
+            # release boundary answers) but cannot read the data behind it.
+            assert probe(grouped, nobody.pw_gid) == ["connect ok", "read denied"]
+            # Outside the group, or with the default 0600 socket: not even the worker.
+            assert probe(grouped, other_group) == ["connect denied", "read denied"]
+            assert probe(private, nobody.pw_gid) == ["connect denied", "read denied"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def echo(message: Message, context: Context) -> Message:
+    return message

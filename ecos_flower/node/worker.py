@@ -50,6 +50,12 @@ class NodeWorker:
         `privacy-policy`, `ledger-path`, `epsilon-limit`, ...).
     app : ClientApp, optional
         The app to run (default: the project's `make_client_app()`).
+    socket_group : str or int, optional
+        A group (name or id) whose members may connect: the socket becomes mode 0660 with that
+        group. Lets the worker run as its own user, owning the data and the ledger, and the
+        SuperNode (which runs the code the server ships) as another user in this group: the
+        shipped code can then only send messages through the release boundary, never read the
+        node's files. Default: none (0600, the worker's user only).
     """
 
     def __init__(
@@ -57,11 +63,13 @@ class NodeWorker:
         socket_path: str | Path,
         node_config: Mapping[str, Any],
         app: ClientApp | None = None,
+        socket_group: str | int | None = None,
     ) -> None:
         bad = [key for key in FORBIDDEN_KEYS if key in node_config]
         if bad:
             raise ValueError(f"a node worker's node config may not set {', '.join(bad)}")
         self.socket_path = Path(socket_path)
+        self.socket_gid = None if socket_group is None else group_id(socket_group)
         self.node_config = dict(node_config)
         if app is None:
             from ecos_flower.client_app import make_client_app
@@ -116,7 +124,8 @@ class NodeWorker:
             send_reply(conn, reply)
 
     def bind(self) -> None:
-        """Create the socket (mode 0600) and listen; safe to call before `serve_forever`."""
+        """Create the socket (mode 0600, or 0660 for `socket_group`) and listen; safe to call
+        before `serve_forever`."""
         path = self.socket_path
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # the kernel's sun_path limit
             raise ValueError(
@@ -134,6 +143,9 @@ class NodeWorker:
             server.bind(str(path))
         finally:
             os.umask(old_umask)
+        if self.socket_gid is not None:  # widened only after it exists, never wider than 0660
+            os.chown(path, -1, self.socket_gid)
+            os.chmod(path, 0o660)
         server.listen(8)
         self._server = server
 
@@ -164,7 +176,24 @@ class NodeWorker:
         self.socket_path.unlink(missing_ok=True)
 
 
-def main(socket_path: str, node_config_args: list[str] | None, log_file: str | None) -> None:
+def group_id(group: str | int) -> int:
+    """The id of a group given by name or id; ValueError naming it if this system lacks it."""
+    import grp
+
+    try:
+        if str(group).isdigit():
+            return grp.getgrgid(int(group)).gr_gid
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise ValueError(f"no group {group!r} on this system (socket-group)") from None
+
+
+def main(
+    socket_path: str,
+    node_config_args: list[str] | None,
+    log_file: str | None,
+    socket_group: str | None = None,
+) -> None:
     """`ecos-flower node-worker`: parse the node config like `flower-supernode` does, serve."""
     from flwr.common.config import parse_config_args
 
@@ -174,7 +203,7 @@ def main(socket_path: str, node_config_args: list[str] | None, log_file: str | N
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     node_config = parse_config_args(node_config_args)
-    worker = NodeWorker(socket_path, node_config)
+    worker = NodeWorker(socket_path, node_config, socket_group=socket_group)
     LOG.info("node worker on %s (node config keys: %s)", socket_path, sorted(node_config))
     try:
         worker.serve_forever(
