@@ -139,7 +139,8 @@ def throughput(tree: Path, args: argparse.Namespace) -> dict:
     import torch
 
     from ecos_flower.data.lazy import ImageFolderDataset
-    from ecos_flower.ecos.features import _imagenet_input, make_extractor
+    from ecos_flower.ecos.extractor_base import imagenet_input
+    from ecos_flower.ecos.features import make_extractor
 
     torch.set_num_threads(args.threads)
     extractor = make_extractor("efficientnet-lite0").fit()
@@ -147,7 +148,7 @@ def throughput(tree: Path, args: argparse.Namespace) -> dict:
     subset = torch.utils.data.Subset(data, range(min(args.throughput_images, len(data))))
     n, batch = len(subset), 32
     images = torch.stack([subset[i][0] for i in range(n)])
-    ready = _imagenet_input(images, extractor.image_size)
+    ready = imagenet_input(images, extractor.image_size)
     module = extractor._require_module()
     with torch.no_grad():
         module(ready[:batch])  # warm-up (oneDNN primitives)

@@ -254,10 +254,7 @@ def test_bad_finetuning_settings_are_refused_by_the_client(setting, value, probl
     request is refused while it is parsed, before anything is charged."""
     from flwr.app import ConfigRecord
 
-    try:
-        from ecos_flower.client.applications import read_finetune_spec
-    except ImportError:  # before the client handlers moved to ecos_flower/client/
-        from ecos_flower.flower.application_client import read_finetune_spec
+    from ecos_flower.client.applications import read_finetune_spec
 
     record = {
         "method": "dp-fc",

@@ -7,19 +7,18 @@ from ecos_flower.ecos.aggregate import (
 )
 from ecos_flower.ecos.allocation import allocate_budget
 from ecos_flower.ecos.compress import Compression, compress, suggest_num_clusters
+from ecos_flower.ecos.extractor_base import FeatureExtractor, l2_normalise
 from ecos_flower.ecos.features import (
     EXTRACTOR_KINDS,
-    FeatureExtractor,
     PCAExtractor,
     RandomCNNExtractor,
     SupervisedCNNExtractor,
-    TorchvisionExtractor,
     cached_features,
     extractor_from_arrays,
-    l2_normalise,
     make_extractor,
 )
 from ecos_flower.ecos.kcenter import greedy_k_center
+from ecos_flower.ecos.pretrained import TorchvisionExtractor
 from ecos_flower.ecos.samplers import (
     EcosSampler,
     InDomainSampler,
