@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from flower_helpers import reply_from, run_tiny, tiny_scenario
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ecos_flower.client_app import app as client_app
 from ecos_flower.flower.fedavg import RecordingFedAvg
@@ -64,6 +64,49 @@ def test_fedavg_aggregate_does_not_depend_on_the_order_replies_arrive_in():
         arrays, _ = RecordingFedAvg().aggregate_train(1, order)
         averages.append(arrays.to_numpy_ndarrays()[0])
     assert np.array_equal(averages[0], averages[1]) and np.array_equal(averages[0], averages[2])
+
+
+def test_a_non_finite_reply_counts_as_the_model_sent_and_is_named(flwr_home):
+    # One diverged or hostile client used to make the global model NaN for the rest of the run
+    # (DP-FedAvg from round 3 on); its reply is now a zero update, named, and kept in the
+    # average so a DP wrapper's divisor is unchanged.
+    grid = InProcessGrid(client_app, 2)
+    sent = ArrayRecord([np.ones((4, 3), dtype=np.float32)])
+    strategy = RecordingFedAvg()
+    strategy.configure_train(1, sent, ConfigRecord(), grid)
+    good, bad = grid.node_ids
+    nan = np.full((4, 3), np.nan, dtype=np.float32)
+    replies = [
+        reply_from(
+            node,
+            "train",
+            RecordDict(
+                {"arrays": ArrayRecord([values]), "metrics": MetricRecord({"num-examples": 1})}
+            ),
+        )
+        for node, values in ((good, np.full((4, 3), 3.0, dtype=np.float32)), (bad, nan))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 2.0)  # (3 + 1) / 2
+    assert set(strategy.errors) == {bad} and "non-finite" in strategy.errors[bad]
+
+
+def test_a_client_whose_training_diverges_sends_back_the_model_it_received(scenario):
+    sent, returned = [], []
+
+    def recording(message, context):
+        reply = client_app(message, context)
+        if message.metadata.message_type.startswith("train"):
+            sent.append(message.content["arrays"].to_numpy_ndarrays())
+            returned.append(reply.content["arrays"].to_numpy_ndarrays())
+        return reply
+
+    grid = InProcessGrid(client_app, 3, client_apps=dict.fromkeys(range(3), recording))
+    # A learning rate that makes local SGD overflow on every client.
+    run_tiny(scenario, grid=grid, method="fedavg", **{"learning-rate": 1e30})
+    assert len(returned) == 3
+    for before, after in zip(sent, returned, strict=True):
+        assert all(np.array_equal(b, a) for b, a in zip(before, after, strict=True))
 
 
 def test_ecos_flow_spends_the_requested_epsilon_and_uploads_k_numbers(scenario):

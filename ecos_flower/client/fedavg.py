@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
@@ -47,7 +48,8 @@ def answer_train(
     fields = MODEL_CONFIG.parse(config, context.node_config)
     shard = task_inputs(load_data(config, context.node_config), config, context.node_config)
     model = task_model(fields, shard)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    received = msg.content["arrays"]
+    model.load_state_dict(received.to_torch_state_dict())
     loss = train_epochs(
         model,
         shard.train.images,
@@ -62,7 +64,13 @@ def answer_train(
         metrics = {"train-loss": loss, "num-examples": len(shard.train)}
     else:  # client-level DP-FedAvg: uniform weights, as Flower's noise calibration assumes
         metrics = {"num-examples": 1}
-    arrays = ArrayRecord(model.state_dict())
+    # A model that diverged (non-finite parameters, e.g. local SGD from a noisy DP-FedAvg model)
+    # goes back as the model received: a zero update, which any clipping norm admits, instead of
+    # a NaN that would end the federation's model. A function of the update only, like clipping.
+    finite = all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+    arrays = ArrayRecord(model.state_dict()) if finite else received
     return boundary.reply(mechanism, {"arrays": arrays}, {**boundary.node_label(), **metrics})
 
 

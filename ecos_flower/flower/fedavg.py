@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -50,6 +51,17 @@ def aggregation_order(reply: Message) -> tuple[int, int]:
         return -1, node
 
 
+def _finite_arrays(reply: Message) -> bool:
+    """Whether every array of the reply's ArrayRecord(s) holds only finite numbers (a reply
+    without arrays is left to FedAvg, which rejects it)."""
+    for record in reply.content.array_records.values():
+        for array in record.values():
+            values = array.numpy()
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return False
+    return True
+
+
 class RecordingFedAvg(FedAvg):
     """FedAvg that keeps each node's last evaluation metrics (Flower keeps only the average)."""
 
@@ -58,6 +70,13 @@ class RecordingFedAvg(FedAvg):
         self.last_evaluation: dict[int, MetricRecord] = {}
         self.node_to_client: dict[int, int] = {}  # checked claims (`claimed_client`)
         self.errors: dict[int, str] = {}
+        self._sent: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = arrays  # what a non-finite reply is replaced by (a zero update)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -65,8 +84,17 @@ class RecordingFedAvg(FedAvg):
         """Flower's weighted average, over the replies in the order of the clients they claim
         (`aggregation_order`): Flower samples the nodes in random order, and floating-point
         sums depend on the order, so without this a run with the same seed would not repeat
-        exactly."""
+        exactly. A reply whose arrays are not all finite (a diverged or hostile client) counts
+        as the model it was sent, i.e. a zero update, named in the log and in `errors`: one
+        NaN would otherwise make the global model NaN for the rest of the run, and keeping
+        the reply (not dropping it) keeps the divisor a DP wrapper calibrated its noise to."""
         ordered = sorted(replies, key=aggregation_order)
+        for reply in ordered:
+            if not reply.has_error() and not _finite_arrays(reply):
+                node = reply.metadata.src_node_id
+                self.errors[node] = f"round {server_round}: non-finite model, taken as no update"
+                log(WARNING, "node %s sent non-finite parameters: taken as no update", node)
+                reply.content["arrays"] = self._sent
         arrays, metrics = super().aggregate_train(server_round, ordered)
         return arrays, without_labels(metrics)
 
