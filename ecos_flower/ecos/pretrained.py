@@ -63,7 +63,20 @@ def _meta_backbone(arch: str) -> nn.Module:
         return build_torchvision_backbone(arch).eval()
 
 
-class TorchvisionExtractor(TorchExtractor):
+class _ImageNetExtractor(TorchExtractor):
+    """An ImageNet backbone: grey or colour images, resized and normalised as ImageNet's."""
+
+    image_size: int | None
+
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._require_module()(imagenet_input(batch, self.image_size))
+
+    def _check_input(self, tensor: torch.Tensor) -> None:
+        if tensor.shape[1] not in (1, 3):
+            raise ValueError(f"{self.kind} takes 1 or 3 channels, got {tensor.shape[1]}")
+
+
+class TorchvisionExtractor(_ImageNetExtractor):
     """A torchvision backbone loaded from a local weights file (state dict); never downloads.
 
     Grey images are repeated to 3 channels, inputs are normalised with ImageNet statistics and
@@ -108,13 +121,6 @@ class TorchvisionExtractor(TorchExtractor):
         model.load_state_dict(kept)
         self._module = model.eval()
         return self
-
-    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._require_module()(imagenet_input(batch, self.image_size))
-
-    def _check_input(self, tensor: torch.Tensor) -> None:
-        if tensor.shape[1] not in (1, 3):
-            raise ValueError(f"torchvision backbones take 1 or 3 channels, got {tensor.shape[1]}")
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return state_to_arrays(self._require_module())
@@ -169,7 +175,7 @@ def _installed_efficientnet(path: str, sha256: str) -> nn.Module:
     return backbones.load_efficientnet_lite0(path)
 
 
-class EfficientNetLite0Extractor(TorchExtractor):
+class EfficientNetLite0Extractor(_ImageNetExtractor):
     """ImageNet-pretrained EfficientNet-Lite0 (the `pretrained` extra), classifier removed:
     pooled 1280-d features, L2-normalised.
 
@@ -208,13 +214,6 @@ class EfficientNetLite0Extractor(TorchExtractor):
         self.weights_sha256 = backbones.file_sha256(path)
         self._module = _installed_efficientnet(str(path.resolve()), self.weights_sha256)
         return self
-
-    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._require_module()(imagenet_input(batch, self.image_size))
-
-    def _check_input(self, tensor: torch.Tensor) -> None:
-        if tensor.shape[1] not in (1, 3):
-            raise ValueError(f"efficientnet-lite0 takes 1 or 3 channels, got {tensor.shape[1]}")
 
     def output_dim(self) -> int | None:
         return backbones.EFFICIENTNET_FEATURES
