@@ -91,19 +91,23 @@ def test_a_non_finite_reply_counts_as_the_model_sent_and_is_named(flwr_home):
     assert set(strategy.errors) == {bad} and "non-finite" in strategy.errors[bad]
 
 
-def test_a_client_whose_training_diverges_sends_back_the_model_it_received(scenario):
+@pytest.mark.parametrize("method", ["fedavg", "dp-fedavg"])
+def test_a_client_whose_training_diverges_sends_back_the_model_it_received(scenario, method):
+    # For DP-FedAvg the zero update also passes Flower's clipping mod (which divides by the
+    # update's norm: it raised ZeroDivisionError, and one error reply made FedAvg skip the round).
     sent, returned = [], []
 
     def recording(message, context):
         reply = client_app(message, context)
         if message.metadata.message_type.startswith("train"):
+            assert not reply.has_error(), reply.error.reason
             sent.append(message.content["arrays"].to_numpy_ndarrays())
             returned.append(reply.content["arrays"].to_numpy_ndarrays())
         return reply
 
     grid = InProcessGrid(client_app, 3, client_apps=dict.fromkeys(range(3), recording))
     # A learning rate that makes local SGD overflow on every client.
-    run_tiny(scenario, grid=grid, method="fedavg", **{"learning-rate": 1e30})
+    run_tiny(scenario, grid=grid, method=method, **{"learning-rate": 1e30})
     assert len(returned) == 3
     for before, after in zip(sent, returned, strict=True):
         assert all(np.array_equal(b, a) for b, a in zip(before, after, strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -47,11 +48,46 @@ def compute_time_mod(msg: Message, context: Context, call_next: ClientAppCallabl
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's `fixedclipping_mod`, run only where the node's policy answers client-level
-    DP-FedAvg (Flower's mod turns any reply without arrays, a refusal included, into an error)."""
+    DP-FedAvg (Flower's mod turns any reply without arrays, a refusal included, into an error).
+
+    A zero update (the model sent back unchanged, e.g. by a client whose training diverged)
+    needs no clipping and is passed on as it is: Flower's mod divides by the update's norm and
+    would raise ZeroDivisionError, and one error reply makes Flower's FedAvg skip the round."""
     try:
         reason = NodePolicy.from_node_config(context.node_config).refusal("clipped-update")
     except PolicyError as exc:
         reason = f"this node's privacy configuration is invalid: {exc}"
     if reason is not None:
         return refusal(msg, reason, context.node_id)
-    return fixedclipping_mod(msg, context, call_next)
+
+    def handler(inner_msg: Message, inner_context: Context) -> Message:
+        reply = call_next(inner_msg, inner_context)
+        if _is_zero_update(inner_msg, reply):
+            raise _ZeroUpdate(reply)  # leave Flower's mod before it divides by the norm
+        return reply
+
+    try:  # Flower's own checks (one ArrayRecord, the clipping norm) run before the handler
+        return fixedclipping_mod(msg, context, handler)
+    except _ZeroUpdate as zero:
+        return zero.reply
+
+
+class _ZeroUpdate(Exception):
+    """Carries a zero-update reply out of Flower's clipping mod (see `dp_clipping_mod`)."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__("zero update")
+        self.reply = reply
+
+
+def _is_zero_update(msg: Message, reply: Message) -> bool:
+    """Whether `reply` sends back exactly the arrays `msg` carried (its only ArrayRecord)."""
+    if reply.has_error() or len(msg.content.array_records) != 1:
+        return False
+    if len(reply.content.array_records) != 1:
+        return False
+    (sent,) = msg.content.array_records.values()
+    (returned,) = reply.content.array_records.values()
+    if list(sent) != list(returned):
+        return False
+    return all(np.array_equal(sent[k].numpy(), returned[k].numpy()) for k in sent)
