@@ -94,7 +94,8 @@ class RecordingFedAvg(FedAvg):
                 node = reply.metadata.src_node_id
                 self.errors[node] = f"round {server_round}: non-finite model, taken as no update"
                 log(WARNING, "node %s sent non-finite parameters: taken as no update", node)
-                reply.content["arrays"] = self._sent
+                for key in list(reply.content.array_records):  # the same record, its values reset
+                    reply.content[key] = self._sent
         arrays, metrics = super().aggregate_train(server_round, ordered)
         return arrays, without_labels(metrics)
 
