@@ -59,12 +59,10 @@ def run(args: argparse.Namespace) -> RunReport:
     """Run one method on one scenario; Ray simulation unless --in-process."""
     from ecos_flower.data import load_scenario
     from ecos_flower.flower.engines import run_once
-    from ecos_flower.privacy.units import privacy_unit
 
     config = run_config_from_args(args)
     num_clients = load_scenario(config["scenario"], config["data-root"] or None).num_clients
     report = run_once(config, num_clients, "in-process" if args.in_process else "ray")
-    report.privacy_unit = privacy_unit(config).label
     print(report.table())
     return report
 

@@ -326,7 +326,6 @@ def run_compare(
             start = time.time()
             report = run_once(run.config, num_clients, engine)
             report.wall_s = time.time() - start
-            report.privacy_unit = run.unit.label
             record = report.record(
                 run.method, run.budget, unit=run.unit, epsilon_target=run.epsilon_target
             )

@@ -190,7 +190,6 @@ def run_points(
             start = time.time()
             report = run_once(run.config, num_clients, ENGINE)
             report.wall_s = time.time() - start
-            report.privacy_unit = run.unit.label
             record = report.record(method, None, unit=run.unit, epsilon_target=run.epsilon_target)
             this_run = report.extra.get("epsilon-this-run")  # DSSGD-DP only
             record.update(
